@@ -1,0 +1,458 @@
+"""Triton kernels: fused attention forward, forward + JVP, and backward.
+
+Per query row, with tau the softmax scale and an optional additive mask b (scm-reference.md §7):
+    s = tau q K^T + b,   p = softmax(s),   o = p V,   lse = logsumexp(s)
+Tangents (tq, tK, tV) give, with ds = tau (tq K^T + q tK^T) (the mask is a constant):
+    to = (p * ds) V - <p, ds> o + p tV
+One pass over the keys with an online softmax keeps, per query block, m_i (row max, log2 units),
+l_i (row sum) and the accumulators
+    acc = sum p~ V,   t_acc = sum p~ tV + (p~ * ds) V,   r_i = sum rowsum(p~ * ds),
+each rescaled by alpha = exp2(m_old - m_new). Epilogue: o = acc / l, to = (t_acc - r o) / l,
+lse = (m + log2 l) ln 2. Rows without a valid key (l = 0) give o = 0, to = 0, lse = -inf.
+FLOPs per (query, key) pair: forward 2 D + 2 Dv; forward + JVP 6 D + 6 Dv (six tile products).
+
+Backward of the primal output (FlashAttention-2): delta = rowsum(do * o), p = exp(s - lse),
+dV = p^T dO, dp = dO V^T, ds = p (dp - delta), dQ = tau ds K, dK = tau ds^T Q.
+dK/dV run per key block (looping over the query heads that share the key head, so GQA needs no
+atomics); dQ runs per query block.
+
+Inputs are (B, H, L, D) with unit stride on D; masks are expanded (zero strides allowed) to
+(B, Hq, Lq, Lk), so a key-padding mask (B, 1, 1, Lk) costs no Lq x Lk memory.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Tiles used under the Triton interpreter (tests size sequences around these).
+INTERPRET_BLOCK_M = 64
+INTERPRET_BLOCK_N = 64
+
+
+@triton.jit
+def _load_bias(Mask, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL: tl.constexpr):
+    """Mask tile as an additive bias in log2 units (-inf where masked)."""
+    ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+    if MASK_IS_BOOL:
+        keep = tl.load(ptrs, mask=valid, other=0)
+        return tl.where(keep != 0, 0.0, float("-inf"))
+    return tl.load(ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) positions inside the matrix and, if causal, on or below the diagonal."""
+    valid = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if IS_CAUSAL:  # SDPA's is_causal: top-left aligned, key j visible to query i iff j <= i
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+    return valid
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, TQ, TK, TV, Mask, O, TO, LSE,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_tqb, stride_tqh, stride_tqm,
+    stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_tob, stride_toh, stride_tom,
+    H, GROUP, Lq, Lk, D, DV, tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_TANGENT: tl.constexpr, PDS_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    qk_scale = tau * 1.4426950408889634  # exp2 domain
+
+    q_off = off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:  # the interpreter's bf16 dot is wrong (triton 11584): compute in fp32 there
+        q = q.to(tl.float32)
+    K_base = K + off_b * stride_kb + off_hk * stride_kh
+    V_base = V + off_b * stride_vb + off_hk * stride_vh
+    Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if HAS_TANGENT:
+        tq_off = off_b * stride_tqb + off_h * stride_tqh + offs_m[:, None] * stride_tqm + offs_d[None, :]
+        tq = tl.load(TQ + tq_off, mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        if UPCAST:
+            tq = tq.to(tl.float32)
+        TK_base = TK + off_b * stride_tkb + off_hk * stride_tkh
+        TV_base = TV + off_b * stride_tvb + off_hk * stride_tvh
+        t_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
+        kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kT_mask, other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        valid = _valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL)
+        if HAS_MASK:
+            s += _load_bias(Mask_base, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        if HAS_TANGENT:
+            tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
+            tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :],
+                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            if UPCAST:
+                tkT = tkT.to(tl.float32)
+                tv = tv.to(tl.float32)
+            ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
+            ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
+            pds = tl.where(valid, p * ds, 0.0)
+            r_i = r_i * alpha + tl.sum(pds, 1)
+            t_acc = t_acc * alpha[:, None] + tl.dot(p.to(tv.dtype), tv, input_precision=INPUT_PRECISION)
+            if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
+                t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
+            else:
+                t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    o_off = off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
+    o_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
+    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(LSE + off_bh * Lq + offs_m, lse, mask=m_ok)
+    if HAS_TANGENT:
+        to = (t_acc - r_i[:, None] * o) / l_safe[:, None]
+        to_off = off_b * stride_tob + off_h * stride_toh + offs_m[:, None] * stride_tom + offs_dv[None, :]
+        tl.store(TO + to_off, to.to(TO.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_om,
+                           stride_dob, stride_doh, stride_dom, H, Lq, DV,
+                           BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, (B, H, Lq)."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    msk = (offs_m[:, None] < Lq) & (offs_dv[None, :] < DV)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+                mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=msk, other=0.0).to(tl.float32)
+    tl.store(Delta + off_bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _load_lse(LSE, off, offs, L):
+    """Row lse, with empty rows (-inf) turned to +inf so that exp(s - lse) = 0 there."""
+    lse = tl.load(LSE + off + offs, mask=offs < L, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Mask, LSE, Delta, DK, DV_,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    H, GROUP, Lq, Lk, D, DV, tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One key block of one key head: dK, dV summed over its GROUP query heads."""
+    start_n = tl.program_id(0)
+    off_bhk = tl.program_id(1)
+    HK = H // GROUP
+    off_b = off_bhk // HK
+    off_hk = off_bhk % HK
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Lk
+    qk_scale = tau * 1.4426950408889634
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    lo = 0
+    if IS_CAUSAL:
+        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in range(0, GROUP):
+        off_h = off_hk * GROUP + g
+        Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Lq
+            qT = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None],
+                         mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            if UPCAST:
+                qT = qT.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
+            delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
+            sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            validT = tl.trans(_valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL))
+            if HAS_MASK:
+                sT += tl.trans(_load_bias(Mask_base, offs_m, offs_n, tl.trans(validT), stride_mm, stride_mn,
+                                          MASK_IS_BOOL))
+            pT = tl.where(validT, tl.exp2(sT - lse[None, :]), 0.0)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+    dk_off = off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + dk_off, (dk * tau).to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
+    dv_off = off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
+    tl.store(DV_ + dv_off, dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Mask, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_dqb, stride_dqh, stride_dqm,
+    H, GROUP, Lq, Lk, D, DV, tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One query block: dQ = tau sum_n ds K."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    qk_scale = tau * 1.4426950408889634
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = _load_lse(LSE, off_bh * Lq, offs_m, Lq)
+    delta = tl.load(Delta + off_bh * Lq + offs_m, mask=m_ok, other=0.0)
+    K_base = K + off_b * stride_kb + off_hk * stride_kh
+    V_base = V + off_b * stride_vb + off_hk * stride_vh
+    Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vT = tl.load(V_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        valid = _valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL)
+        if HAS_MASK:
+            s += _load_bias(Mask_base, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL)
+        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq_off = off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    tl.store(DQ + dq_off, (dq * tau).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: tile choice, validation of what the kernels assume, allocation, launch.
+# Configs are (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default.
+# BLOCK_M counts queries and BLOCK_N keys in every kernel.
+# ---------------------------------------------------------------------------------------------
+def _by_head_dim(small, medium, large):
+    return lambda block_d: small if block_d <= 64 else medium if block_d <= 128 else large
+
+
+CONFIGS = {
+    "fwd": _by_head_dim([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+                        [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+                        [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]),
+    "fwd_jvp": _by_head_dim([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+                            [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
+                            [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)]),
+    "bwd_dkdv": _by_head_dim([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+                             [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
+                             [(32, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2)]),
+    "bwd_dq": _by_head_dim([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+                           [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+                           [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)]),
+}
+_best_config = {}
+
+
+def head_blocks(d, dv):
+    """Padded head-dim tiles: powers of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+
+
+def _input_precision(dtype):
+    if INTERPRET or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _run_tuned(kind, key, block_d, launch):
+    """Launch with the fastest config for `key`, timing every config on the first call (GPU only)."""
+    if INTERPRET:
+        return launch((INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, 4, 1))
+    configs = CONFIGS[kind](block_d)
+    if os.environ.get("SCM_FAST_AUTOTUNE", "1") == "0":
+        return launch(configs[0])
+    cfg = _best_config.get((kind, key))
+    if cfg is None:
+        times = []
+        for c in configs:
+            try:
+                times.append(triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25))
+            except triton.runtime.errors.OutOfResources:
+                times.append(math.inf)
+        cfg = configs[min(range(len(configs)), key=times.__getitem__)]
+        _best_config[(kind, key)] = cfg
+    return launch(cfg)
+
+
+def _strides3(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _unit_last(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _mask_args(mask, q):
+    """(pointer, 4 strides, is_bool) for a mask already expanded to (B, Hq, Lq, Lk)."""
+    if mask is None:
+        return q, (0, 0, 0, 0), False
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+        return mask, mask.stride(), True
+    return mask, mask.stride(), False
+
+
+def _common(q, k, v, mask):
+    B, H, Lq, D = q.shape
+    Hk, Lk, DV = k.shape[1], k.shape[2], v.shape[3]
+    block_d, block_dv = head_blocks(D, DV)
+    flags = dict(HAS_MASK=mask is not None, UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+                 INPUT_PRECISION=_input_precision(q.dtype), BLOCK_D=block_d, BLOCK_DV=block_dv)
+    key = (q.dtype, D, DV, triton.next_power_of_2(Lq), triton.next_power_of_2(Lk), H // Hk, mask is not None)
+    return (B, H, Hk, Lq, Lk, D, DV), flags, key
+
+
+def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
+    """(o, lse) or, with tangents, (o, lse, to). Shapes: q (B, Hq, Lq, D), k (B, Hk, Lk, D),
+    v (B, Hk, Lk, Dv), mask None or expanded to (B, Hq, Lq, Lk); lse is fp32 (B, Hq, Lq)."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    (B, H, Hk, Lq, Lk, D, DV), flags, key = _common(q, k, v, mask)
+    o = q.new_empty(B, H, Lq, DV)
+    lse = q.new_empty(B, H, Lq, dtype=torch.float32)
+    has_t = tq is not None
+    if has_t:
+        tq, tk, tv = _unit_last(tq), _unit_last(tk), _unit_last(tv)
+        to = torch.empty_like(o)
+    else:
+        tq, tk, tv, to = q, k, v, o
+    mask_t, mask_strides, mask_bool = _mask_args(mask, q)
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        grid = (triton.cdiv(Lq, bm), B * H)
+        _attn_fwd_kernel[grid](
+            q, k, v, tq, tk, tv, mask_t, o, to, lse,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(tq), *_strides3(tk), *_strides3(tv),
+            *mask_strides, *_strides3(o), *_strides3(to),
+            H, H // Hk, Lq, Lk, D, DV, scale,
+            BLOCK_M=bm, BLOCK_N=bn, MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal,
+            HAS_TANGENT=has_t, PDS_FP32=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
+            **flags)
+
+    kind = "fwd_jvp" if has_t else "fwd"
+    _run_tuned(kind, key + (causal,), flags["BLOCK_D"], launch)
+    return (o, lse, to) if has_t else (o, lse)
+
+
+def attention_bwd(do, q, k, v, o, lse, mask, causal, scale):
+    """(dq, dk, dv) of the primal output, from the forward's o and lse."""
+    q, k, v, o, do = (_unit_last(x) for x in (q, k, v, o, do))
+    (B, H, Hk, Lq, Lk, D, DV), flags, key = _common(q, k, v, mask)
+    group = H // Hk
+    delta = torch.empty_like(lse)
+    bm = 64 if INTERPRET else 128
+    _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm), B * H)](
+        o, do, delta, *_strides3(o), *_strides3(do), H, Lq, DV, BLOCK_M=bm, BLOCK_DV=flags["BLOCK_DV"])
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask_t, mask_strides, mask_bool = _mask_args(mask, q)
+    common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, **flags)
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * Hk)](
+            q, k, v, do, mask_t, lse, delta, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *mask_strides,
+            *_strides3(dk), *_strides3(dv), H, group, Lq, Lk, D, DV, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
+            q, k, v, do, mask_t, lse, delta, dq,
+            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *mask_strides, *_strides3(dq),
+            H, group, Lq, Lk, D, DV, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    _run_tuned("bwd_dkdv", key + (causal,), flags["BLOCK_D"], launch_dkdv)
+    _run_tuned("bwd_dq", key + (causal,), flags["BLOCK_D"], launch_dq)
+    return dq, dk, dv

@@ -1,0 +1,238 @@
+"""Scaled dot-product attention that propagates tangents in one fused pass.
+
+`attention(q, k, v)` has SDPA's layout (B, H, L, D) and semantics and is differentiable in reverse
+mode and in forward mode (torch.func.jvp, torch.autograd.forward_ad). When its inputs carry
+tangents, ONE kernel computes the output, its log-sum-exp and the output tangent
+(scm-reference.md §7); the primal output keeps its autograd graph for a later backward, which uses
+the saved lse. `attention_jvp` is the same pass for code that carries tangents explicitly.
+
+Supported: fp32, fp16, bf16 (fp32 accumulation and statistics; fp64 on the reference backend), head
+dims up to 256 (any, no padding by the caller), Lq != Lk, GQA/MQA (Hq a multiple of Hk), causal
+(SDPA's top-left alignment), attn_mask bool (True = attend) or additive, broadcastable to
+(B, Hq, Lq, Lk) and never materialised. A row with no valid key gives 0 output and 0 tangent.
+The mask is a constant: it takes no gradient and no tangent.
+"""
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from scm_fast.ops import _registry
+from scm_fast.ops.attention_ref import (attention_bwd_chunked, attention_fwd_chunked,
+                                        attention_fwd_jvp_chunked, attention_ref)
+
+__all__ = ["attention", "attention_jvp", "attention_ref"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+# ---- validation at the public API ------------------------------------------------------------
+def _check_tensor(name, x, ndim=4):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D (B, H, L, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (B, H, _, D), (Bk, Hk, Lk, Dk), (Bv, Hv, Lv, Dv) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if (Hk, Lk) != (Hv, Lv):
+        raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if D != Dk:
+        raise ValueError(f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if H % Hk != 0:
+        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hk}) for GQA/MQA, "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
+        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got q/k {D}, v {Dv}")
+
+
+def _check_mask(attn_mask, q, k):
+    """The mask expanded (a view, no copy) to (B, Hq, Lq, Lk), or None."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    if attn_mask.requires_grad or fwAD.unpack_dual(attn_mask).tangent is not None:
+        raise ValueError("attn_mask is treated as a constant: it must not require grad or carry a tangent")
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, full) == full
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(B, Hq, Lq, Lk) = {full}")
+    return attn_mask.expand(full)
+
+
+def _check_scale(scale, q):
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale == scale):
+        raise TypeError(f"scale must be a float or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_tangents(primals, tangents):
+    for name, x, t in zip(("q", "k", "v"), primals, tangents):
+        _check_tensor("t" + name, t)
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"t{name} must match {name}: expected {tuple(x.shape)} {x.dtype} on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+# ---- kernels behind the dispatcher -----------------------------------------------------------
+def _triton(fn_name):
+    def run(*args):
+        from scm_fast.kernels import attention_jvp as kernels
+        if args[0].dtype == torch.float64 or args[1].dtype == torch.float64:
+            raise TypeError("float64 attention runs on the reference backend only")
+        if fn_name == "fwd_jvp":
+            q, k, v, tq, tk, tv, mask, causal, scale = args
+            return kernels.attention_fwd(q, k, v, mask, causal, scale, tq, tk, tv)
+        return getattr(kernels, "attention_" + fn_name)(*args)
+    return run
+
+
+def _lse_like(q):
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape[:-1], dtype=dtype)
+
+
+def _fake_fwd(q, k, v, mask, causal, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), _lse_like(q)
+
+
+def _fake_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, scale):
+    o, lse = _fake_fwd(q, k, v, mask, causal, scale)
+    return o, lse, torch.empty_like(o)
+
+
+def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_registry.define("attention_fwd", attention_fwd_chunked, _triton("fwd"), _fake_fwd)
+_registry.define("attention_fwd_jvp", attention_fwd_jvp_chunked, _triton("fwd_jvp"), _fake_fwd_jvp)
+_registry.define("attention_bwd", attention_bwd_chunked, _triton("bwd"), _fake_bwd)
+
+
+# ---- autograd --------------------------------------------------------------------------------
+def _backward(ctx, grad_out):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse,
+                                ctx.mask, ctx.causal, ctx.scale)
+    return dq, dk, dv
+
+
+class _Attention(torch.autograd.Function):
+    """(o, lse) of (q, k, v). Used when no input carries a tangent; its jvp is still exact."""
+
+    @staticmethod
+    def forward(q, k, v, mask, causal, scale):
+        return _registry.call("attention_fwd", q, k, v, mask, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, causal, scale = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        return *_backward(ctx, grad_out), None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, *_):
+        q, k, v = ctx.saved_tensors
+        _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.scale)
+        return to, None
+
+
+class _AttentionFused(torch.autograd.Function):
+    """(o, lse, to) of (q, k, v, tq, tk, tv) in one kernel launch. `to` is a constant for autograd.
+
+    With `tangents_of_inputs` the caller guarantees that (tq, tk, tv) ARE the forward-AD tangents of
+    (q, k, v), so jvp returns the `to` already computed: one pass instead of two.
+    """
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, mask, causal, scale, tangents_of_inputs):
+        return _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, mask, causal, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, _, _, mask, causal, scale, tangents_of_inputs = inputs
+        o, lse, to = output
+        ctx.mark_non_differentiable(lse, to)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(to) if tangents_of_inputs else ctx.save_for_forward(q, k, v)
+        ctx.mask, ctx.causal, ctx.scale, ctx.fused = mask, causal, scale, tangents_of_inputs
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse, _grad_to):
+        return *_backward(ctx, grad_out), None, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, gq, gk, gv, *_):
+        if ctx.fused:
+            (to,) = ctx.saved_tensors
+        else:  # an outer forward AD over explicit-tangent code: the JVP along (gq, gk, gv)
+            q, k, v = ctx.saved_tensors
+            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.scale)
+        return to, None, None
+
+
+# ---- public API ------------------------------------------------------------------------------
+def _tangent_or_zeros(x):
+    t = fwAD.unpack_dual(x).tangent
+    return torch.zeros_like(x) if t is None else t
+
+
+def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
+    """softmax(scale q k^T + attn_mask) v, like F.scaled_dot_product_attention (B, H, L, D).
+
+    Under torch.func.jvp or torch.autograd.forward_ad the output tangent comes from the same fused
+    pass as the output (no second forward). Example:
+        o, to = torch.func.jvp(lambda q, k, v: attention(q, k, v), (q, k, v), (tq, tk, tv))
+    """
+    _check_qkv(q, k, v)
+    mask = _check_mask(attn_mask, q, k)
+    scale = _check_scale(scale, q)
+    causal = bool(causal)
+    if any(fwAD.unpack_dual(x).tangent is not None for x in (q, k, v)):
+        tangents = [_tangent_or_zeros(x) for x in (q, k, v)]
+        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, causal, scale, True)
+        return o
+    o, _ = _Attention.apply(q, k, v, mask, causal, scale)
+    return o
+
+
+def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=None):
+    """(o, to): the attention output and its tangent along (tq, tk, tv), in one fused pass.
+
+    o is differentiable w.r.t. q, k, v; to is returned without a graph (sCM's tangent is sg(.)).
+    """
+    _check_qkv(q, k, v)
+    _check_tangents((q, k, v), (tq, tk, tv))
+    mask = _check_mask(attn_mask, q, k)
+    scale = _check_scale(scale, q)
+    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, bool(causal), scale, False)
+    return o, to

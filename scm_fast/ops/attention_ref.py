@@ -1,0 +1,140 @@
+"""Pure-PyTorch attention: the math reference and the key-chunked CPU fallback kernels.
+
+`attention_ref` is the definition every kernel is tested against: plain softmax attention, which
+autograd and forward AD differentiate by themselves (O(Lq x Lk) memory; use it in fp64 for tests).
+
+`attention_fwd_chunked`, `attention_fwd_jvp_chunked` and `attention_bwd_chunked` compute what the
+fused kernels compute (scm-reference.md §7) with torch ops over key chunks and an online softmax, so
+memory stays O(Lq x chunk). They back the CPU op when no compiled kernel applies.
+Shapes: q (B, Hq, Lq, D); k (B, Hk, Lk, D); v (B, Hk, Lk, Dv); Hq = G Hk (GQA); mask None or
+expanded to (B, Hq, Lq, Lk), bool (True = attend) or additive.
+"""
+import torch
+
+CHUNK = 512
+
+
+def _bias(mask, dtype):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
+    """softmax(scale q k^T + mask) v, with rows that see no key set to 0 (SDPA would give NaN)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s = scale * (q @ k.transpose(-1, -2))
+    if attn_mask is not None:
+        s = s + _bias(attn_mask, s.dtype)
+    if causal:
+        lq, lk = s.shape[-2:]
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    empty = torch.isneginf(s).all(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return p @ v
+
+
+def _grouped(q, k, v, mask):
+    """Views that put the G query heads of one key head on their own axis: (B, Hk, G, L, D)."""
+    B, H, Lq, D = q.shape
+    Hk = k.shape[1]
+    q5 = q.view(B, Hk, H // Hk, Lq, D)
+    m5 = None if mask is None else mask.view(B, Hk, H // Hk, Lq, mask.shape[-1])
+    return q5, k.unsqueeze(2), v.unsqueeze(2), m5
+
+
+def _chunk_scores(q5, k5, m5, causal, scale, start, stop):
+    """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf."""
+    s = scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2))
+    if m5 is not None:
+        s = s + _bias(m5[..., start:stop], s.dtype)
+    if causal:
+        rows = torch.arange(q5.shape[-2], device=s.device)[:, None]
+        cols = torch.arange(start, stop, device=s.device)[None, :]
+        s = s.masked_fill(cols > rows, float("-inf"))
+    return s
+
+
+def _online_pass(q5, k5, v5, m5, causal, scale, tangents=None):
+    """Online softmax over key chunks; returns (o, lse) and, with tangents, to."""
+    acc_dtype = torch.float64 if q5.dtype == torch.float64 else torch.float32
+    q5, k5, v5 = q5.to(acc_dtype), k5.to(acc_dtype), v5.to(acc_dtype)
+    shape = q5.shape[:-1]
+    m_i = torch.full(shape, float("-inf"), dtype=acc_dtype, device=q5.device)
+    l_i = torch.zeros(shape, dtype=acc_dtype, device=q5.device)
+    acc = torch.zeros(*shape, v5.shape[-1], dtype=acc_dtype, device=q5.device)
+    if tangents is not None:
+        tq5, tk5, tv5 = (t.to(acc_dtype) for t in tangents)
+        t_acc, r_i = torch.zeros_like(acc), torch.zeros_like(l_i)
+    for start in range(0, k5.shape[-2], CHUNK):
+        stop = min(start + CHUNK, k5.shape[-2])
+        s = _chunk_scores(q5, k5, m5, causal, scale, start, stop)
+        m_new = torch.maximum(m_i, s.amax(-1))
+        m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m_i - m_safe)
+        v_c = v5[..., start:stop, :]
+        l_i = l_i * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + p @ v_c
+        if tangents is not None:
+            k_c, tk_c, tv_c = k5[..., start:stop, :], tk5[..., start:stop, :], tv5[..., start:stop, :]
+            ds = scale * (tq5 @ k_c.transpose(-1, -2) + q5 @ tk_c.transpose(-1, -2))
+            pds = (p * ds).masked_fill(p == 0, 0.0)
+            r_i = r_i * alpha + pds.sum(-1)
+            t_acc = t_acc * alpha[..., None] + p @ tv_c + pds @ v_c
+        m_i = m_new
+    l_safe = torch.where(l_i > 0, l_i, torch.ones_like(l_i))
+    o = acc / l_safe[..., None]
+    lse = torch.where(l_i > 0, m_i + torch.log(l_safe), torch.full_like(l_i, float("-inf")))
+    if tangents is None:
+        return o, lse
+    return o, lse, (t_acc - r_i[..., None] * o) / l_safe[..., None]
+
+
+def _flat(x, like):
+    """(B, Hk, G, L, D) -> (B, Hq, L, D) in like's dtype."""
+    return x.reshape(like.shape[0], -1, *x.shape[-2:]).to(like.dtype)
+
+
+def _lse(lse, q):
+    """(B, Hk, G, Lq) -> (B, Hq, Lq); fp32 (fp64 for fp64 inputs)."""
+    return lse.reshape(q.shape[:-1]).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def attention_fwd_chunked(q, k, v, mask, causal, scale):
+    o, lse = _online_pass(*_grouped(q, k, v, mask), causal, scale)
+    return _flat(o, q), _lse(lse, q)
+
+
+def attention_fwd_jvp_chunked(q, k, v, tq, tk, tv, mask, causal, scale):
+    q5, k5, v5, m5 = _grouped(q, k, v, mask)
+    tq5, tk5, tv5, _ = _grouped(tq, tk, tv, None)
+    o, lse, to = _online_pass(q5, k5, v5, m5, causal, scale, (tq5, tk5, tv5))
+    return _flat(o, q), _lse(lse, q), _flat(to, q)
+
+
+def attention_bwd_chunked(grad_out, q, k, v, out, lse, mask, causal, scale):
+    """FlashAttention-2 backward over key chunks: p = exp(s - lse), ds = p (dp - delta)."""
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q5, k5, v5, m5 = _grouped(*(x.to(acc_dtype) for x in (q, k, v)), mask)
+    do5 = grad_out.to(acc_dtype).view(q5.shape[:-1] + (grad_out.shape[-1],))
+    o5 = out.to(acc_dtype).view_as(do5)
+    lse5 = lse.to(acc_dtype).view(q5.shape[:-1])
+    lse5 = lse5.masked_fill(torch.isneginf(lse5), float("inf"))  # empty rows: p = 0
+    delta = (do5 * o5).sum(-1, keepdim=True)
+    dq = torch.zeros_like(q5)
+    dk, dv = torch.zeros_like(k5.squeeze(2)), torch.zeros_like(v5.squeeze(2))
+    for start in range(0, k5.shape[-2], CHUNK):
+        stop = min(start + CHUNK, k5.shape[-2])
+        p = torch.exp(_chunk_scores(q5, k5, m5, causal, scale, start, stop) - lse5[..., None])
+        dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
+        ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
+        dq += scale * (ds @ k5[..., start:stop, :])
+        dk[..., start:stop, :] = scale * (ds.transpose(-1, -2) @ q5).sum(2)
+    return _flat(dq, q), dk.to(k.dtype), dv.to(v.dtype)
