@@ -1,0 +1,44 @@
+# make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
+# make test-slow  the larger cases too
+# make bench      CPU benchmarks (fused attention JVP vs PyTorch) and the GPU kernel build report
+# make gpu-check  on a CUDA machine: CUDA tests, kernel report, benchmarks
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.scm_fast-installed
+
+.PHONY: install test test-slow bench report gpu-check clean
+
+$(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e . --no-build-isolation
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m scm_fast.info
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/jvp_attention.py
+
+report: $(STAMP)
+	$(PY) benchmarks/kernel_report.py
+
+gpu-check: $(STAMP)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"
+	$(PY) -m pip install -q matplotlib
+	$(PY) -m scm_fast.info
+	$(PY) -m pytest -q -m "slow or not slow" tests
+	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/jvp_attention.py --device cuda
+
+clean:
+	rm -rf build *.egg-info scm_fast/_C*.so benchmarks/out
