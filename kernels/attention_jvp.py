@@ -35,9 +35,8 @@ INTERPRET_BLOCK_N = 64
 
 
 @triton.jit
-def _load_bias(Mask, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL: tl.constexpr):
+def _load_bias(ptrs, valid, MASK_IS_BOOL: tl.constexpr):
     """Mask tile as an additive bias in log2 units (-inf where masked)."""
-    ptrs = Mask + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
     if MASK_IS_BOOL:
         keep = tl.load(ptrs, mask=valid, other=0)
         return tl.where(keep != 0, 0.0, float("-inf"))
@@ -45,11 +44,12 @@ def _load_bias(Mask, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL: 
 
 
 @triton.jit
-def _valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) positions inside the matrix and, if causal, on or below the diagonal."""
-    valid = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+def _valid_tile(m, n, Lq, Lk, IS_CAUSAL: tl.constexpr):
+    """Positions (query m, key n) inside the matrix and, if causal, on or below the diagonal.
+    m and n are broadcastable index tiles: (BLOCK_M, 1) and (1, BLOCK_N), or transposed."""
+    valid = (m < Lq) & (n < Lk)
     if IS_CAUSAL:  # SDPA's is_causal: top-left aligned, key j visible to query i iff j <= i
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        valid = valid & (n <= m)
     return valid
 
 
@@ -69,7 +69,7 @@ def _attn_fwd_kernel(
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    off_b = (off_bh // H).to(tl.int64)  # int64: B x H x L x D may exceed 2^31
     off_h = off_bh % H
     off_hk = off_h // GROUP
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -113,9 +113,10 @@ def _attn_fwd_kernel(
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        valid = _valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL)
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
         if HAS_MASK:
-            s += _load_bias(Mask_base, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL)
+            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            s += _load_bias(mask_ptrs, valid, MASK_IS_BOOL)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
@@ -162,7 +163,7 @@ def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_om,
     """delta = rowsum(dO * O) in fp32, (B, H, Lq)."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    off_b = (off_bh // H).to(tl.int64)
     off_h = off_bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -197,7 +198,7 @@ def _attn_bwd_dkdv_kernel(
     start_n = tl.program_id(0)
     off_bhk = tl.program_id(1)
     HK = H // GROUP
-    off_b = off_bhk // HK
+    off_b = (off_bhk // HK).to(tl.int64)
     off_hk = off_bhk % HK
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -232,10 +233,10 @@ def _attn_bwd_dkdv_kernel(
             lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
             delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
             sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-            validT = tl.trans(_valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL))
+            validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL)
             if HAS_MASK:
-                sT += tl.trans(_load_bias(Mask_base, offs_m, offs_n, tl.trans(validT), stride_mm, stride_mn,
-                                          MASK_IS_BOOL))
+                mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
+                sT += _load_bias(mask_ptrs, validT, MASK_IS_BOOL)
             pT = tl.where(validT, tl.exp2(sT - lse[None, :]), 0.0)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -261,7 +262,7 @@ def _attn_bwd_dq_kernel(
     """One query block: dQ = tau sum_n ds K."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
-    off_b = off_bh // H
+    off_b = (off_bh // H).to(tl.int64)
     off_h = off_bh % H
     off_hk = off_h // GROUP
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -296,9 +297,10 @@ def _attn_bwd_dq_kernel(
             k = k.to(tl.float32)
             vT = vT.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-        valid = _valid_tile(offs_m, offs_n, Lq, Lk, IS_CAUSAL)
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
         if HAS_MASK:
-            s += _load_bias(Mask_base, offs_m, offs_n, valid, stride_mm, stride_mn, MASK_IS_BOOL)
+            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+            s += _load_bias(mask_ptrs, valid, MASK_IS_BOOL)
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
