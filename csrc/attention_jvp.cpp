@@ -1,19 +1,312 @@
-// Schemas of the fused attention ops (scm-reference.md §7). Defined once here; the CPU and CUDA
-// implementations are registered against them (CPU: scm_fast/ops/_registry.py until the C++ CPU
-// kernels land; CUDA: the Triton kernels in kernels/attention_jvp.py).
+// Fused attention with tangents: op schemas and the C++ CPU kernels (scm-reference.md §7).
 //
 // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hq a multiple of Hk; mask is None or
 // expanded to (B, Hq, Lq, Lk), bool (true = attend) or additive; lse is (B, Hq, Lq) in fp32.
+//
+// The public ops (attention_fwd, attention_fwd_jvp, attention_bwd) get their CPU and CUDA kernels
+// from Python (scm_fast/ops/_registry.py chooses a backend; CUDA runs kernels/attention_jvp.py). The
+// C++ CPU kernels below are registered as attention_*_cpu ops with the same signatures.
+//
+// Forward (+ JVP): one task per (batch, head, block of kBlockM queries), keys in tiles of kBlockN,
+// online softmax in fp32:  S = tau Q K^T + b,  P~ = exp(S - m),  acc = sum P~ V,
+//   dS = tau (tQ K^T + Q tK^T),  t_acc = sum P~ tV + (P~ * dS) V,  r = sum rowsum(P~ * dS),
+//   o = acc / l,  to = (t_acc - r o) / l,  lse = m + log l.  Six GEMMs per tile on BLAS.
+// Backward (FlashAttention-2): one task per (batch, query head), P = exp(S - lse),
+//   dV += P^T dO,  dS = tau P (dO V^T - delta),  dQ += dS K,  dK += dS^T Q.
+// Memory: O(L x tile) per thread besides inputs and outputs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(scm_fast, m) {
-  m.def(
-      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale)"
-      " -> (Tensor out, Tensor lse)");
-  m.def(
-      "attention_fwd_jvp(Tensor q, Tensor k, Tensor v, Tensor tq, Tensor tk, Tensor tv,"
-      " Tensor? mask, bool causal, float scale) -> (Tensor out, Tensor lse, Tensor tout)");
-  m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-      " Tensor? mask, bool causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_math.h"
+
+namespace scm_fast {
+namespace {
+
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+const char* kFwdArgs = "(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale)"
+                       " -> (Tensor out, Tensor lse)";
+const char* kFwdJvpArgs = "(Tensor q, Tensor k, Tensor v, Tensor tq, Tensor tk, Tensor tv, Tensor? mask,"
+                          " bool causal, float scale) -> (Tensor out, Tensor lse, Tensor tout)";
+const char* kBwdArgs = "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
+                       " bool causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)";
+
+struct Dims {
+  int64_t B, H, Hk, Lq, Lk, D, Dv;
+};
+
+// Additive bias b for one (batch, head, query row), read through the expanded mask's strides.
+struct MaskView {
+  const float* add = nullptr;
+  const bool* keep = nullptr;
+  int64_t sb = 0, sh = 0, sm = 0, sn = 0;
+
+  bool empty() const { return add == nullptr && keep == nullptr; }
+  // row[j] += b(b_, h, i, j0 + j) for j < n
+  void add_row(float* row, int64_t n, int64_t b_, int64_t h, int64_t i, int64_t j0) const {
+    const int64_t base = b_ * sb + h * sh + i * sm + j0 * sn;
+    if (keep != nullptr) {
+      for (int64_t j = 0; j < n; ++j) row[j] = keep[base + j * sn] ? row[j] : kNegInf;
+    } else {
+      for (int64_t j = 0; j < n; ++j) row[j] += add[base + j * sn];
+    }
+  }
+};
+
+at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be 4-D (B, H, L, D), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "attention_*_cpu: q, k, v must be CPU tensors");
+  Dims d{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == d.B && v.size(0) == d.B, "attention: batch sizes differ: q ", q.sizes(), ", k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(3) == d.D, "attention: q and k head dims differ: q ", q.sizes(), ", k ", k.sizes());
+  TORCH_CHECK(v.size(1) == d.Hk && v.size(2) == d.Lk, "attention: k and v must have the same heads and length, got k ",
+              k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(d.Hk > 0 && d.H % d.Hk == 0, "attention: q heads (", d.H, ") must be a multiple of k/v heads (", d.Hk, ")");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == at::IntArrayRef({d.B, d.H, d.Lq, d.Lk}),
+                "attention: mask must be expanded to (B, Hq, Lq, Lk) = (", d.B, ", ", d.H, ", ", d.Lq, ", ", d.Lk,
+                "), got ", mask->sizes());
+  }
+  return d;
 }
+
+// Keeps the mask alive in a layout the kernels read (bool or fp32, strides kept: no expansion).
+MaskView mask_view(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
+  MaskView mv;
+  if (!mask.has_value()) return mv;
+  holder = mask->scalar_type() == at::kBool ? *mask : mask->to(at::kFloat);
+  mv.sb = holder.stride(0), mv.sh = holder.stride(1), mv.sm = holder.stride(2), mv.sn = holder.stride(3);
+  if (holder.scalar_type() == at::kBool) {
+    mv.keep = holder.data_ptr<bool>();
+  } else {
+    mv.add = holder.data_ptr<float>();
+  }
+  return mv;
+}
+
+// Scores of one tile row: tau * s + bias, -inf outside the causal triangle. Returns the row max.
+float finish_scores(float* row, int64_t n, int64_t visible, float tau, const MaskView& mv, int64_t b, int64_t h,
+                    int64_t i, int64_t j0) {
+  for (int64_t j = 0; j < n; ++j) row[j] *= tau;
+  if (!mv.empty()) mv.add_row(row, std::min(n, visible), b, h, i, j0);
+  for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) row[j] = kNegInf;
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
+  return mx;
+}
+
+struct FwdBuffers {
+  std::vector<float> s, ts, acc, tacc, m, l, r;
+  FwdBuffers(int64_t Dv, bool tangent)
+      : s(kBlockM * kBlockN), ts(tangent ? kBlockM * kBlockN : 0), acc(kBlockM * Dv), tacc(tangent ? kBlockM * Dv : 0),
+        m(kBlockM), l(kBlockM), r(kBlockM) {}
+};
+
+struct FwdTensors {
+  const float *q, *k, *v, *tq, *tk, *tv;  // tq == nullptr: no tangent
+  float *o, *lse, *to;
+};
+
+// One (batch, head, query block): online softmax over key tiles, forward and (optionally) JVP.
+void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool causal, float tau, int64_t b,
+               int64_t h, int64_t i0, FwdBuffers& buf) {
+  const bool tangent = t.tq != nullptr;
+  const int64_t bm = std::min(kBlockM, d.Lq - i0), hk = h / (d.H / d.Hk);
+  const int64_t q_off = ((b * d.H + h) * d.Lq + i0) * d.D, o_off = ((b * d.H + h) * d.Lq + i0) * d.Dv;
+  const int64_t k_off = (b * d.Hk + hk) * d.Lk * d.D, v_off = (b * d.Hk + hk) * d.Lk * d.Dv;
+  float *S = buf.s.data(), *TS = buf.ts.data(), *acc = buf.acc.data(), *tacc = buf.tacc.data();
+  std::fill(buf.m.begin(), buf.m.end(), kNegInf);
+  std::fill(buf.l.begin(), buf.l.end(), 0.f);
+  std::fill(buf.r.begin(), buf.r.end(), 0.f);
+  std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
+  std::fill(buf.tacc.begin(), buf.tacc.end(), 0.f);
+  const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
+  for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
+    const int64_t bn = std::min(kBlockN, hi - j0);
+    const float *K = t.k + k_off + j0 * d.D, *V = t.v + v_off + j0 * d.Dv;
+    gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + q_off, d.D, K, d.D, 0.f, S, kBlockN);
+    if (tangent) {  // dS / tau = tQ K^T + Q tK^T
+      gemm_rm(false, true, bm, bn, d.D, 1.f, t.tq + q_off, d.D, K, d.D, 0.f, TS, kBlockN);
+      gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + q_off, d.D, t.tk + k_off + j0 * d.D, d.D, 1.f, TS, kBlockN);
+    }
+    for (int64_t i = 0; i < bm; ++i) {
+      float* row = S + i * kBlockN;
+      const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
+      const float m_new = std::max(buf.m[i], finish_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0));
+      const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
+      const float alpha = exp_fast(buf.m[i] - m_safe);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < bn; ++j) {
+        row[j] = exp_fast(row[j] - m_safe);
+        sum += row[j];
+      }
+      buf.l[i] = buf.l[i] * alpha + sum;
+      buf.m[i] = m_new;
+      for (int64_t c = 0; c < d.Dv; ++c) acc[i * d.Dv + c] *= alpha;
+      if (!tangent) continue;
+      float* trow = TS + i * kBlockN;
+      float rs = 0.f;
+#pragma omp simd reduction(+ : rs)
+      for (int64_t j = 0; j < bn; ++j) {
+        trow[j] = row[j] == 0.f ? 0.f : row[j] * trow[j] * tau;  // P~ * dS, 0 where masked
+        rs += trow[j];
+      }
+      buf.r[i] = buf.r[i] * alpha + rs;
+      for (int64_t c = 0; c < d.Dv; ++c) tacc[i * d.Dv + c] *= alpha;
+    }
+    gemm_rm(false, false, bm, d.Dv, bn, 1.f, S, kBlockN, V, d.Dv, 1.f, acc, d.Dv);
+    if (tangent) {
+      gemm_rm(false, false, bm, d.Dv, bn, 1.f, S, kBlockN, t.tv + v_off + j0 * d.Dv, d.Dv, 1.f, tacc, d.Dv);
+      gemm_rm(false, false, bm, d.Dv, bn, 1.f, TS, kBlockN, V, d.Dv, 1.f, tacc, d.Dv);
+    }
+  }
+  for (int64_t i = 0; i < bm; ++i) {  // epilogue; rows without a valid key: o = to = 0, lse = -inf
+    const float l = buf.l[i], inv = l > 0.f ? 1.f / l : 0.f;
+    float* o = t.o + o_off + i * d.Dv;
+    for (int64_t c = 0; c < d.Dv; ++c) o[c] = acc[i * d.Dv + c] * inv;
+    t.lse[(b * d.H + h) * d.Lq + i0 + i] = l > 0.f ? buf.m[i] + std::log(l) : kNegInf;
+    if (!tangent) continue;
+    float* to = t.to + o_off + i * d.Dv;
+    for (int64_t c = 0; c < d.Dv; ++c) to[c] = (tacc[i * d.Dv + c] - buf.r[i] * o[c]) * inv;
+  }
+}
+
+std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor* tq_,
+                                 const at::Tensor* tk_, const at::Tensor* tv_, const c10::optional<at::Tensor>& mask,
+                                 bool causal, double scale) {
+  const Dims d = check_inputs(q_, k_, v_, mask);
+  const bool tangent = tq_ != nullptr;
+  at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), tq, tk, tv, mask_holder;
+  if (tangent) tq = f32(*tq_), tk = f32(*tk_), tv = f32(*tv_);
+  const MaskView mv = mask_view(mask, mask_holder);
+  auto opts = q.options();
+  at::Tensor o = at::empty({d.B, d.H, d.Lq, d.Dv}, opts), lse = at::empty({d.B, d.H, d.Lq}, opts);
+  at::Tensor to = tangent ? at::empty_like(o) : at::Tensor();
+  const FwdTensors t{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                     tangent ? tq.data_ptr<float>() : nullptr, tangent ? tk.data_ptr<float>() : nullptr,
+                     tangent ? tv.data_ptr<float>() : nullptr, o.data_ptr<float>(), lse.data_ptr<float>(),
+                     tangent ? to.data_ptr<float>() : nullptr};
+  const int64_t n_mblocks = (d.Lq + kBlockM - 1) / kBlockM;
+  at::parallel_for(0, d.B * d.H * n_mblocks, 1, [&](int64_t begin, int64_t end) {
+    FwdBuffers buf(d.Dv, tangent);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / n_mblocks;
+      fwd_block(t, d, mv, causal, float(scale), bh / d.H, bh % d.H, (task % n_mblocks) * kBlockM, buf);
+    }
+  });
+  const auto dtype = q_.scalar_type();
+  if (!tangent) return {o.to(dtype), lse};
+  return {o.to(dtype), lse, to.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  auto r = fwd_impl(q, k, v, nullptr, nullptr, nullptr, mask, causal, scale);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_jvp_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tq, const at::Tensor& tk,
+    const at::Tensor& tv, const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  TORCH_CHECK(tq.sizes() == q.sizes() && tk.sizes() == k.sizes() && tv.sizes() == v.sizes(),
+              "attention_fwd_jvp: tangents must match q, k, v in shape, got ", tq.sizes(), ", ", tk.sizes(), ", ",
+              tv.sizes());
+  auto r = fwd_impl(q, k, v, &tq, &tk, &tv, mask, causal, scale);
+  return {r[0], r[1], r[2]};
+}
+
+// One (batch, query head): dQ for its rows and its share of dK, dV (summed over the group later).
+void bwd_head(const float* q, const float* k, const float* v, const float* dO, const float* lse, const float* delta,
+              float* dq, float* dk, float* dv, const Dims& d, const MaskView& mv, bool causal, float tau, int64_t b,
+              int64_t h, std::vector<float>& P, std::vector<float>& dS) {
+  for (int64_t i0 = 0; i0 < d.Lq; i0 += kBlockM) {
+    const int64_t bm = std::min(kBlockM, d.Lq - i0);
+    const float *Q = q + i0 * d.D, *DO = dO + i0 * d.Dv;
+    const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
+    for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
+      const int64_t bn = std::min(kBlockN, hi - j0);
+      gemm_rm(false, true, bm, bn, d.D, 1.f, Q, d.D, k + j0 * d.D, d.D, 0.f, P.data(), kBlockN);
+      gemm_rm(false, true, bm, bn, d.Dv, 1.f, DO, d.Dv, v + j0 * d.Dv, d.Dv, 0.f, dS.data(), kBlockN);
+      for (int64_t i = 0; i < bm; ++i) {
+        float *row = P.data() + i * kBlockN, *drow = dS.data() + i * kBlockN;
+        const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
+        finish_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0);
+        const float l = lse[i0 + i] == kNegInf ? -kNegInf : lse[i0 + i], dl = delta[i0 + i];
+        for (int64_t j = 0; j < bn; ++j) {
+          row[j] = exp_fast(row[j] - l);
+          drow[j] = tau * row[j] * (drow[j] - dl);
+        }
+      }
+      gemm_rm(true, false, bn, d.Dv, bm, 1.f, P.data(), kBlockN, DO, d.Dv, 1.f, dv + j0 * d.Dv, d.Dv);
+      gemm_rm(false, false, bm, d.D, bn, 1.f, dS.data(), kBlockN, k + j0 * d.D, d.D, 1.f, dq + i0 * d.D, d.D);
+      gemm_rm(true, false, bn, d.D, bm, 1.f, dS.data(), kBlockN, Q, d.D, 1.f, dk + j0 * d.D, d.D);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out, const at::Tensor& lse_, const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+  const Dims d = check_inputs(q_, k_, v_, mask);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({d.B, d.H, d.Lq, d.Dv}),
+              "attention_bwd: grad_out and out must be (B, Hq, Lq, Dv), got ", grad_out.sizes(), ", ", out.sizes());
+  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({d.B, d.H, d.Lq}), "attention_bwd: lse must be (B, Hq, Lq), got ",
+              lse_.sizes());
+  at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), dO = f32(grad_out), lse = f32(lse_), mask_holder;
+  const at::Tensor delta = (dO * out.to(at::kFloat)).sum(-1).contiguous();  // rowsum(dO * O)
+  const MaskView mv = mask_view(mask, mask_holder);
+  const int64_t G = d.H / d.Hk;
+  auto opts = q.options();
+  at::Tensor dq = at::zeros({d.B, d.H, d.Lq, d.D}, opts);
+  at::Tensor dk = at::zeros({d.B, d.H, d.Lk, d.D}, opts), dv = at::zeros({d.B, d.H, d.Lk, d.Dv}, opts);
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> P(kBlockM * kBlockN), dS(kBlockM * kBlockN);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / d.H, h = bh % d.H, bhk = b * d.Hk + h / G;
+      bwd_head(q.data_ptr<float>() + bh * d.Lq * d.D, k.data_ptr<float>() + bhk * d.Lk * d.D,
+               v.data_ptr<float>() + bhk * d.Lk * d.Dv, dO.data_ptr<float>() + bh * d.Lq * d.Dv,
+               lse.data_ptr<float>() + bh * d.Lq, delta.data_ptr<float>() + bh * d.Lq,
+               dq.data_ptr<float>() + bh * d.Lq * d.D, dk.data_ptr<float>() + bh * d.Lk * d.D,
+               dv.data_ptr<float>() + bh * d.Lk * d.Dv, d, mv, causal, float(scale), b, h, P, dS);
+    }
+  });
+  if (G > 1) {  // GQA: a key head's gradient sums over the query heads that share it
+    dk = dk.view({d.B, d.Hk, G, d.Lk, d.D}).sum(2);
+    dv = dv.view({d.B, d.Hk, G, d.Lk, d.Dv}).sum(2);
+  }
+  return {dq.to(q_.scalar_type()), dk.to(k_.scalar_type()), dv.to(v_.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(scm_fast, m) {
+  for (const char* suffix : {"", "_cpu"}) {  // each signature written once, for the op and its CPU kernel
+    m.def((std::string("attention_fwd") + suffix + kFwdArgs).c_str());
+    m.def((std::string("attention_fwd_jvp") + suffix + kFwdJvpArgs).c_str());
+    m.def((std::string("attention_bwd") + suffix + kBwdArgs).c_str());
+  }
+}
+
+TORCH_LIBRARY_IMPL(scm_fast, CPU, m) {
+  m.impl("attention_fwd_cpu", &attention_fwd_cpu);
+  m.impl("attention_fwd_jvp_cpu", &attention_fwd_jvp_cpu);
+  m.impl("attention_bwd_cpu", &attention_bwd_cpu);
+}
+
+}  // namespace scm_fast

@@ -11,9 +11,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# (device, backend) pairs every op test runs on: the PyTorch reference and the Triton kernels on
+# (device, backend) pairs every op test runs on: the C++ kernels, the PyTorch reference and the Triton kernels on
 # CPU (interpreter); on CUDA the default dispatch (Triton).
-DEVICE_BACKENDS = [("cpu", "reference"), ("cpu", "triton")]
+DEVICE_BACKENDS = [("cpu", "cpp"), ("cpu", "reference"), ("cpu", "triton")]
 if torch.cuda.is_available():
     DEVICE_BACKENDS.append(("cuda", "auto"))
 

@@ -3,7 +3,9 @@
 The schemas live in C++ (csrc/, `TORCH_LIBRARY(scm_fast, m)`); this module registers the
 implementations against them: the Triton kernels for CUDA, and on CPU the backend chosen by
 `SCM_FAST_BACKEND` (or `use_backend`):
-  auto       the best available CPU implementation (today the key-chunked PyTorch reference)
+  auto       the C++ CPU kernels (csrc/, ops `<name>_cpu`) for fp32/fp16/bf16; fp64 and a source
+             checkout without the extension use the reference
+  cpp        the C++ CPU kernels, or an error where they do not apply
   reference  the key-chunked PyTorch reference, on every device
   triton     the Triton kernels, also for CPU tensors under the interpreter (TRITON_INTERPRET=1
              must be set before scm_fast is imported); this is how the GPU code is tested on CPU
@@ -17,7 +19,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "cpp", "reference", "triton")
 BUILD_HINT = "pip install -e . --no-build-isolation"
 
 
@@ -73,8 +75,15 @@ def _triton_for_cpu(name, fn):
 def define(name, reference, triton_fn, fake):
     """Register `name`'s implementations: reference (torch ops), triton (kernel launcher), fake."""
     def cpu_impl(*args):
-        impl = _triton_for_cpu(name, triton_fn) if backend() == "triton" else reference
-        return impl(*args)
+        chosen = backend()
+        if chosen == "triton":
+            return _triton_for_cpu(name, triton_fn)(*args)
+        if chosen in ("auto", "cpp") and _C is not None and args[1].dtype != torch.float64:
+            return getattr(torch.ops.scm_fast, name + "_cpu")(*args)
+        if chosen == "cpp":
+            raise TypeError(f"scm_fast.{name}: the cpp backend needs the built extension and "
+                            f"fp32/fp16/bf16 inputs, got {args[1].dtype}")
+        return reference(*args)
 
     def cuda_impl(*args):
         return reference(*args) if backend() == "reference" else triton_fn(*args)
@@ -86,6 +95,7 @@ def define(name, reference, triton_fn, fake):
     _lib.impl(name, cpu_impl, "CPU")
     _lib.impl(name, cuda_impl, "CUDA")
     torch.library.register_fake(f"scm_fast::{name}", fake, lib=_lib)
+    torch.library.register_fake(f"scm_fast::{name}_cpu", fake, lib=_lib)
     _calls[name] = getattr(torch.ops.scm_fast, name)
 
 
@@ -95,7 +105,8 @@ def call(name, *args):
 
 def describe():
     """{op: {device: implementation}} for the current backend, as `python -m scm_fast.info` shows."""
-    cpu = {"auto": "reference (key-chunked PyTorch)", "reference": "reference (key-chunked PyTorch)",
+    cpp = "cpp (C++ kernels)" if _C is not None else "reference (no _C)"
+    cpu = {"auto": cpp, "cpp": cpp, "reference": "reference (key-chunked PyTorch)",
            "triton": "triton (interpreter)"}[backend()]
     cuda = "reference (key-chunked PyTorch)" if backend() == "reference" else "triton"
     route = "torch.ops.scm_fast (C++ schema)" if _C is not None else "direct Python call (no _C)"

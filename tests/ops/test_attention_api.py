@@ -82,9 +82,16 @@ def opcheck_samples(dtype):
 
 
 @pytest.mark.skipif(_registry._C is None, reason="scm_fast._C not built")
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
 def test_opcheck(backend):
     dtype = torch.float32
     with use_backend(backend):
         for name, args in opcheck_samples(dtype):
             torch.library.opcheck(getattr(torch.ops.scm_fast, name), args)
+
+
+@pytest.mark.skipif(_registry._C is None, reason="scm_fast._C not built")
+def test_opcheck_cpu_kernels():
+    """The C++ kernels' own ops (attention_*_cpu) pass opcheck too."""
+    for name, args in opcheck_samples(torch.float32):
+        torch.library.opcheck(getattr(torch.ops.scm_fast, name + "_cpu"), args)

@@ -1,0 +1,57 @@
+// Small CPU building blocks for the fused kernels: row-major fp32 GEMM on BLAS and a vectorisable exp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+// Fortran BLAS sgemm as exported by libtorch_cpu (MKL on x86-64, OpenBLAS elsewhere). Weak, so that
+// a torch build without it still loads; gemm_rm then falls back to ATen.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace scm_fast {
+
+// Row-major C (m x n) = alpha * op(A) op(B) + beta * C, with op(X) = X or X^T (ta / tb), leading
+// dimensions as stored. Column-major BLAS sees C^T = op(B)^T op(A)^T, hence the swapped operands.
+inline void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                    int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr) {
+    const int mi = int(m), ni = int(n), ki = int(k), la = int(lda), lb = int(ldb), lc = int(ldc);
+    const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
+    sgemm_(&opb, &opa, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto A = at::from_blob(const_cast<float*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, opts);
+  auto Bm = at::from_blob(const_cast<float*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, opts);
+  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  C.mul_(beta).addmm_(ta ? A.t() : A, tb ? Bm.t() : Bm, 1.0, alpha);
+}
+
+// exp(x) for x <= 88, with exp(-inf) = 0 exactly; branch-free so that loops over it vectorise.
+// exp(x) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2; 2^f by its Taylor series to degree 7
+// (relative error < 1e-8, below fp32 rounding).
+inline float exp_fast(float x) {
+  const float t = x * 1.44269504088896341f;
+  const float n = __builtin_floorf(t + 0.5f);
+  const float f = (t - n) * 0.693147180559945309f;
+  float p = 1.f / 5040.f;
+  p = p * f + 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const float nc = n < -126.f ? -126.f : n;
+  const int32_t bits = (int32_t(nc) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.3f ? 0.f : p * scale;
+}
+
+}  // namespace scm_fast
