@@ -1,13 +1,31 @@
-"""Builds scm_fast (Python), scm_fast.kernels (Triton, from kernels/) and scm_fast._C (C++)."""
+"""Builds scm_fast (Python), scm_fast.kernels (Triton, from kernels/) and scm_fast._C (C++).
+
+The C++ CPU kernels are compiled for the building machine's vector unit (AVX2 + FMA on x86-64
+where /proc/cpuinfo shows them); SCM_FAST_PORTABLE=1 builds for the baseline ISA instead.
+"""
 import glob
+import os
+import platform
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+
+def isa_flags():
+    if os.environ.get("SCM_FAST_PORTABLE") == "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return []
+    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= flags else []
+
+
 ext = CppExtension(
     "scm_fast._C",
     sorted(glob.glob("csrc/*.cpp")),
-    extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+    extra_compile_args=["-O3", "-std=c++17", "-fopenmp", *isa_flags()],
     extra_link_args=["-fopenmp"],
 )
 

@@ -318,20 +318,40 @@ def _by_head_dim(small, medium, large):
     return lambda block_d: small if block_d <= 64 else medium if block_d <= 128 else large
 
 
+# Chosen from benchmarks/kernel_report.py (sm_80 and sm_90, fp16/bf16): the first of each list
+# spills nothing on sm_90, and on sm_80 at most 100 bytes, except forward+JVP with head dims > 64,
+# where every tile tried spills ~250-450 bytes on sm_80 (two fp32 accumulators of BLOCK_M x BLOCK_DV).
 CONFIGS = {
-    "fwd": _by_head_dim([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-                        [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-                        [(64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]),
-    "fwd_jvp": _by_head_dim([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-                            [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
-                            [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)]),
-    "bwd_dkdv": _by_head_dim([(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
-                             [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 2)],
-                             [(32, 64, 8, 1), (32, 32, 4, 2), (16, 64, 4, 2)]),
-    "bwd_dq": _by_head_dim([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-                           [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+    "fwd": _by_head_dim([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
+                        [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+                        [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]),
+    "fwd_jvp": _by_head_dim([(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+                            [(128, 32, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3)],
+                            [(32, 32, 8, 2), (64, 32, 8, 2)]),
+    "bwd_dkdv": _by_head_dim([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+                             [(32, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2)],
+                             [(32, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 1)]),
+    "bwd_dq": _by_head_dim([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+                           [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
                            [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)]),
 }
+
+
+def configs(kind, block_d, dtype):
+    """Tuning configs for `kind`. fp32 tiles take twice the bytes: halve BLOCK_N and the stages (and
+    BLOCK_M at head dims >= 128) so that they fit the shared memory of an A100 (163 KiB)."""
+    listed = CONFIGS[kind](block_d)
+    if dtype != torch.float32:
+        return listed
+    return [(max(16, bm // 2) if block_d >= 128 else bm, max(16, bn // 2), warps, min(stages, 2))
+            for bm, bn, warps, stages in listed]
+
+
+def delta_block_m(block_dv):
+    """Rows per program of the delta kernel: 4096 elements per tile (32 a thread at 4 warps)."""
+    return max(16, 4096 // block_dv)
+
+
 _best_config = {}
 
 
@@ -346,22 +366,24 @@ def _input_precision(dtype):
     return "tf32"
 
 
-def _run_tuned(kind, key, block_d, launch):
+def _run_tuned(kind, key, block_d, dtype, launch):
     """Launch with the fastest config for `key`, timing every config on the first call (GPU only)."""
     if INTERPRET:
         return launch((INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, 4, 1))
-    configs = CONFIGS[kind](block_d)
+    candidates = configs(kind, block_d, dtype)
     if os.environ.get("SCM_FAST_AUTOTUNE", "1") == "0":
-        return launch(configs[0])
+        return launch(candidates[0])
     cfg = _best_config.get((kind, key))
     if cfg is None:
         times = []
-        for c in configs:
+        for c in candidates:
             try:
                 times.append(triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=25))
             except triton.runtime.errors.OutOfResources:
                 times.append(math.inf)
-        cfg = configs[min(range(len(configs)), key=times.__getitem__)]
+        if min(times) == math.inf:
+            raise RuntimeError(f"attention {kind}: no tile config fits this GPU ({candidates})")
+        cfg = candidates[min(range(len(candidates)), key=times.__getitem__)]
         _best_config[(kind, key)] = cfg
     return launch(cfg)
 
@@ -408,6 +430,7 @@ def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
     else:
         tq, tk, tv, to = q, k, v, o
     mask_t, mask_strides, mask_bool = _mask_args(mask, q)
+    kind = "fwd_jvp" if has_t else "fwd"
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
@@ -418,11 +441,10 @@ def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
             *mask_strides, *_strides3(o), *_strides3(to),
             H, H // Hk, Lq, Lk, D, DV, scale,
             BLOCK_M=bm, BLOCK_N=bn, MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal,
-            HAS_TANGENT=has_t, PDS_FP32=q.dtype == torch.float16, num_warps=warps, num_stages=stages,
-            **flags)
+            HAS_TANGENT=has_t, PDS_FP32=q.dtype == torch.float16,
+            num_warps=warps, num_stages=stages, **flags)
 
-    kind = "fwd_jvp" if has_t else "fwd"
-    _run_tuned(kind, key + (causal,), flags["BLOCK_D"], launch)
+    _run_tuned(kind, key + (causal,), flags["BLOCK_D"], q.dtype, launch)
     return (o, lse, to) if has_t else (o, lse)
 
 
@@ -432,7 +454,7 @@ def attention_bwd(do, q, k, v, o, lse, mask, causal, scale):
     (B, H, Hk, Lq, Lk, D, DV), flags, key = _common(q, k, v, mask)
     group = H // Hk
     delta = torch.empty_like(lse)
-    bm = 64 if INTERPRET else 128
+    bm = delta_block_m(flags["BLOCK_DV"])
     _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm), B * H)](
         o, do, delta, *_strides3(o), *_strides3(do), H, Lq, DV, BLOCK_M=bm, BLOCK_DV=flags["BLOCK_DV"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -455,6 +477,6 @@ def attention_bwd(do, q, k, v, o, lse, mask, causal, scale):
             H, group, Lq, Lk, D, DV, scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
 
-    _run_tuned("bwd_dkdv", key + (causal,), flags["BLOCK_D"], launch_dkdv)
-    _run_tuned("bwd_dq", key + (causal,), flags["BLOCK_D"], launch_dq)
+    _run_tuned("bwd_dkdv", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dkdv)
+    _run_tuned("bwd_dq", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dq)
     return dq, dk, dv

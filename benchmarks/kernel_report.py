@@ -1,0 +1,183 @@
+"""Compile report for the Triton attention kernels, for sm_80 and sm_90, without a GPU.
+
+Every kernel of kernels/attention_jvp.py is compiled ahead of time (triton.compile with a
+GPUTarget) for every head-dim tile BLOCK_D in (64, 128, 256) (BLOCK_DV = BLOCK_D) and every tuning
+config of CONFIGS, in its heaviest variant (additive fp32 mask, causal). Per config it reports:
+
+    regs    registers per thread (cuobjdump --dump-resource-usage on the cubin)
+    spill   local-memory bytes per thread, stack frame included (> 0: registers spilled; ptxas puts
+            spill slots in the stack frame, so cuobjdump shows them as STACK, not LOCAL)
+    smem    shared memory bytes per block (marked "!" above the target's limit: the launch fails)
+    tc      tensor-core instructions in the PTX: wgmma and/or mma ("-": none)
+    time    compile seconds (report() bypasses the Triton cache)
+
+Arguments are assumed aligned (pointers and all sizes and strides but H, GROUP divisible by 16), as
+the JIT specializes them for head dims and sequence lengths that are multiples of 16.
+
+    python benchmarks/kernel_report.py [--dtypes fp16,bf16,fp32] [--arch 80,90] [--json PATH]
+
+(--kinds, --block-d and --defaults-only narrow the sweep; all of it takes ~6 min on 2 CPU cores.)
+
+Exits non-zero if any config fails to compile. Under TRITON_INTERPRET=1 the kernels are not
+JITFunctions, so the compiles run in a subprocess with the variable removed.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from scm_fast.kernels import attention_jvp as aj
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KINDS = ("fwd", "fwd_jvp", "bwd_dkdv", "bwd_dq", "bwd_delta")
+KERNELS = {"fwd": aj._attn_fwd_kernel, "fwd_jvp": aj._attn_fwd_kernel,
+           "bwd_dkdv": aj._attn_bwd_dkdv_kernel, "bwd_dq": aj._attn_bwd_dq_kernel,
+           "bwd_delta": aj._attn_bwd_delta_kernel}
+INT_ARGS = {"H", "GROUP", "Lq", "Lk", "D", "DV"}
+FP32_PTRS = {"Mask", "LSE", "Delta"}
+UNALIGNED = {"H", "GROUP"}
+NO_DOT = ("bwd_delta",)
+SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (A100, H100)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+COLUMNS = ("kernel", "target", "dtype", "block_d", "config", "regs", "spill", "smem", "tc", "time")
+
+
+def configs(kind, block_d, dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) list; the delta kernel has one launch (no BLOCK_N)."""
+    if kind == "bwd_delta":
+        return [(aj.delta_block_m(block_d), None, 4, 3)]
+    return aj.configs(kind, block_d, DTYPES[dtype])
+
+
+def _arg_type(name, dtype):
+    if name == "tau":
+        return "fp32"
+    if name in INT_ARGS or name.startswith("stride"):
+        return "i32"
+    return "*fp32" if name in FP32_PTRS else "*" + dtype
+
+
+def _source(kind, dtype, block_d, block_m, block_n):
+    fn = KERNELS[kind]
+    flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=True,
+                 MASK_IS_BOOL=False, IS_CAUSAL=True, HAS_TANGENT=kind == "fwd_jvp",
+                 PDS_FP32=dtype == "fp16", UPCAST=False, INPUT_PRECISION="tf32")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", flags[p.name]
+        else:
+            signature[p.name] = _arg_type(p.name, dtype)
+            if p.name not in UNALIGNED and signature[p.name] != "fp32":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def _resource_usage(cubin):
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def compile_config(kind, dtype, block_d, cfg, arch):
+    """One report row: resources of `kind` compiled for sm_`arch`, or an `error` entry."""
+    block_m, block_n, num_warps, num_stages = cfg
+    row = dict(kernel=kind, target=f"sm_{arch}", dtype=dtype, block_d=block_d, block_m=block_m,
+               block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    start = time.perf_counter()
+    try:
+        k = triton.compile(_source(kind, dtype, block_d, block_m, block_n), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=num_warps, num_stages=num_stages))
+        usage = _resource_usage(k.asm["cubin"])
+    except Exception as e:  # noqa: BLE001 - a failing config is a report row, not a crash
+        cause = e.__cause__ or e  # a CompilationError's message is the source excerpt
+        return dict(row, error=f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]}")
+    ptx = k.asm["ptx"]
+    tc = [name for name, pat in (("wgmma", r"\bwgmma\.mma_async"), ("mma", r"\bmma\.sync")) if re.search(pat, ptx)]
+    return dict(row, regs=usage["REG"], spill=usage["STACK"] + usage["LOCAL"], smem=k.metadata.shared,
+                smem_ok=k.metadata.shared <= SHARED_LIMIT[arch], tc="+".join(tc) or "-",
+                time=round(time.perf_counter() - start, 2))
+
+
+def report(kinds=KINDS, dtypes=("fp16", "bf16"), archs=(80, 90), block_ds=(64, 128, 256),
+           defaults_only=False):
+    """Rows for every kind x arch x dtype x BLOCK_D x config (only the first config if defaults_only)."""
+    if not isinstance(aj._attn_fwd_kernel, triton.runtime.JITFunction):  # TRITON_INTERPRET=1
+        return _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only)
+    with triton.knobs.compilation.scope():
+        triton.knobs.compilation.always_compile = True  # time real compiles, not cache hits
+        return [compile_config(kind, dtype, block_d, cfg, arch)
+                for kind in kinds for arch in archs for dtype in dtypes for block_d in block_ds
+                for cfg in configs(kind, block_d, dtype)[:1 if defaults_only else None]]
+
+
+def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, __file__, "--json", path, "--kinds", ",".join(kinds),
+               "--dtypes", ",".join(dtypes), "--arch", ",".join(map(str, archs)),
+               "--block-d", ",".join(map(str, block_ds))] + ["--defaults-only"] * defaults_only
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+        with open(path) as f:
+            return json.load(f)
+
+
+def _cells(row):
+    cfg = f"{row['block_m']}x{row['block_n'] or '-'} w{row['num_warps']} s{row['num_stages']}"
+    head = [row["kernel"], row["target"], row["dtype"], str(row["block_d"]), cfg]
+    if "error" in row:
+        return head + ["ERROR", "", "", "", "", row["error"]]
+    smem = f"{row['smem']}{'' if row['smem_ok'] else '!'}"
+    return head + [str(row["regs"]), str(row["spill"]), smem, row["tc"], f"{row['time']:.1f}"]
+
+
+def print_table(rows):
+    lines = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    for line in lines:  # an error message follows the last column
+        print("  ".join([c.ljust(w) for c, w in zip(line, widths)] + line[len(COLUMNS):]).rstrip())
+
+
+def _csv(cast=str):
+    return lambda s: [cast(x) for x in s.split(",")]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", type=_csv(), default=list(KINDS))
+    ap.add_argument("--dtypes", type=_csv(), default=["fp16", "bf16"], help="of fp16, bf16, fp32")
+    ap.add_argument("--arch", type=_csv(int), default=[80, 90])
+    ap.add_argument("--block-d", type=_csv(int), default=[64, 128, 256])
+    ap.add_argument("--defaults-only", action="store_true", help="only the first config of each list")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as JSON instead of a table")
+    args = ap.parse_args()
+    rows = report(args.kinds, args.dtypes, args.arch, args.block_d, args.defaults_only)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    else:
+        print_table(rows)
+    ok = [r for r in rows if "error" not in r]
+    print(f"{len(ok)}/{len(rows)} configs compiled in {sum(r['time'] for r in ok):.0f} s: "
+          f"{sum(r['spill'] > 0 for r in ok)} spill, {sum(not r['smem_ok'] for r in ok)} over the "
+          f"shared-memory limit, {sum(r['tc'] == '-' and r['kernel'] not in NO_DOT for r in ok)} "
+          f"without tensor-core instructions ({'/'.join(NO_DOT)} not counted: no dot), "
+          f"{len(rows) - len(ok)} failed")
+    sys.exit(1 if len(ok) < len(rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
