@@ -29,7 +29,7 @@
 namespace scm_fast {
 namespace {
 
-constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockM = 128;
 constexpr int64_t kBlockN = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

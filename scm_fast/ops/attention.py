@@ -76,6 +76,8 @@ def _check_mask(attn_mask, q, k):
     if not fits:
         raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"(B, Hq, Lq, Lk) = {full}")
+    if attn_mask.is_floating_point():  # kernels read fp32 biases; convert before expanding (no Lq x Lk copy)
+        attn_mask = attn_mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return attn_mask.expand(full)
 
 
@@ -183,7 +185,10 @@ class _AttentionFused(torch.autograd.Function):
         o, lse, to = output
         ctx.mark_non_differentiable(lse, to)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.save_for_forward(to) if tangents_of_inputs else ctx.save_for_forward(q, k, v)
+        if tangents_of_inputs:
+            ctx.save_for_forward(to)
+        else:
+            ctx.save_for_forward(q, k, v)
         ctx.mask, ctx.causal, ctx.scale, ctx.fused = mask, causal, scale, tangents_of_inputs
 
     @staticmethod

@@ -172,17 +172,19 @@ def test_one_fused_pass_under_jvp(monkeypatch):
     assert calls == ["attention_fwd"]
 
 
-def test_key_padding_mask_is_not_materialised(monkeypatch):
-    """A (B, 1, 1, Lk) mask reaches the kernel as a broadcast view of its own B x Lk storage."""
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16], ids=["bool", "additive-fp16"])
+def test_key_padding_mask_is_not_materialised(monkeypatch, dtype):
+    """A (B, 1, 1, Lk) mask reaches the kernel as a broadcast view of B x Lk storage (fp32 for biases)."""
     seen = []
     real_call = _registry.call
     monkeypatch.setattr(_registry, "call", lambda name, *a: seen.append(a[-3]) or real_call(name, *a))
     B, H, L, D = 2, 4, 300, 16
-    q, k, v = make((B, H, L, D), (B, H, L, D), D, torch.float32, "cpu")[:3]
-    keep = torch.rand(B, 1, 1, L) > 0.5
-    attention(q, k, v, attn_mask=keep)
-    (mask,) = seen
-    assert mask.shape == (B, H, L, L) and mask.untyped_storage().nbytes() == B * L
+    q, k, v = make((B, H, L, D), (B, H, L, D), D, torch.bfloat16, "cpu")[:3]
+    mask = (torch.rand(B, 1, 1, L) > 0.5).to(dtype)
+    attention(q, k, v, attn_mask=mask)
+    (seen_mask,) = seen
+    assert seen_mask.shape == (B, H, L, L)
+    assert seen_mask.untyped_storage().nbytes() == B * L * seen_mask.element_size()
 
 
 def test_nested_forward_ad_over_explicit_jvp():
