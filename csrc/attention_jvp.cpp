@@ -167,14 +167,8 @@ void fwd_block(const FwdOperands& t, const Dims& d, const MaskView& mv, bool cau
       buf.m[i] = m_new;
       for (int64_t c = 0; c < d.Dv; ++c) acc[i * d.Dv + c] *= alpha;
       if (!tangent) continue;
-      const float* trow = TS + i * kBlockN;
       float* pds = row + kBlockN;
-      float rs = 0.f;
-#pragma omp simd reduction(+ : rs)
-      for (int64_t j = 0; j < bn; ++j) {
-        pds[j] = row[j] == 0.f ? 0.f : row[j] * trow[j] * tau;  // P~ * dS, 0 where masked
-        rs += pds[j];
-      }
+      const float rs = masked_product_sum(row, TS + i * kBlockN, pds, bn, tau);  // P~ * dS
       std::fill(row + bn, row + kBlockN, 0.f);  // a short last tile: no contribution from the padding
       std::fill(pds + bn, pds + kBlockN, 0.f);
       buf.r[i] = buf.r[i] * alpha + rs;

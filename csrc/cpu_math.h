@@ -98,4 +98,30 @@ inline float exp_sub_sum(float* x, int64_t n, float sub) {
   return sum;
 }
 
+// out[j] = scale * p[j] * t[j], exactly 0 where p[j] == 0 (masked keys, whatever t holds);
+// returns the sum of out.
+inline float masked_product_sum(const float* p, const float* t, float* out, int64_t n, float scale) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 s = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 pj = _mm256_loadu_ps(p + j);
+    const __m256 prod = _mm256_mul_ps(_mm256_mul_ps(pj, _mm256_loadu_ps(t + j)), s);
+    const __m256 o = _mm256_andnot_ps(_mm256_cmp_ps(pj, zero, _CMP_EQ_OQ), prod);
+    _mm256_storeu_ps(out + j, o);
+    acc = _mm256_add_ps(acc, o);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float lane : lanes) sum += lane;
+#endif
+  for (; j < n; ++j) {
+    out[j] = p[j] == 0.f ? 0.f : scale * p[j] * t[j];
+    sum += out[j];
+  }
+  return sum;
+}
+
 }  // namespace scm_fast
