@@ -1,13 +1,14 @@
 # make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
 # make test-slow  the larger cases too
 # make bench      CPU benchmarks (fused attention JVP vs PyTorch) and the GPU kernel build report
+# make asan       the C++ kernel tests under AddressSanitizer (rebuilds the extension twice)
 # make gpu-check  on a CUDA machine: CUDA tests, kernel report, benchmarks
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scm_fast-installed
 
-.PHONY: install test test-slow bench report gpu-check clean
+.PHONY: install test test-slow bench report asan gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,12 @@ bench: $(STAMP)
 
 report: $(STAMP)
 	$(PY) benchmarks/kernel_report.py
+
+asan: $(STAMP)
+	SCM_FAST_ASAN=1 $(PY) -m pip install -q -e . --no-build-isolation
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+		$(PY) -m pytest -q -p no:cacheprovider tests/ops -k "cpp or opcheck"; \
+		status=$$?; $(PY) -m pip install -q -e . --no-build-isolation; exit $$status
 
 gpu-check: $(STAMP)
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check needs a CUDA device')"

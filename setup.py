@@ -2,6 +2,8 @@
 
 The C++ CPU kernels are compiled for the building machine's vector unit (AVX2 + FMA on x86-64
 where /proc/cpuinfo shows them); SCM_FAST_PORTABLE=1 builds for the baseline ISA instead.
+SCM_FAST_ASAN=1 adds AddressSanitizer (`make asan` builds that way, runs the C++ kernel tests, and
+builds the normal extension again).
 """
 import glob
 import os
@@ -22,11 +24,13 @@ def isa_flags():
     return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= flags else []
 
 
+ASAN = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if os.environ.get("SCM_FAST_ASAN") == "1" else []
+
 ext = CppExtension(
     "scm_fast._C",
     sorted(glob.glob("csrc/*.cpp")),
-    extra_compile_args=["-O3", "-std=c++17", "-fopenmp", *isa_flags()],
-    extra_link_args=["-fopenmp"],
+    extra_compile_args=["-O3", "-std=c++17", "-fopenmp", *isa_flags(), *ASAN],
+    extra_link_args=["-fopenmp", *ASAN],
 )
 
 setup(

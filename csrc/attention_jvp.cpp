@@ -111,37 +111,25 @@ float finish_scores(float* row, int64_t n, int64_t visible, float tau, const Mas
 }
 
 struct FwdBuffers {
-  std::vector<float> p, ts, acc, tacc, m, l, r;
+  std::vector<float> s, ts, acc, tacc, m, l, r;
   FwdBuffers(int64_t Dv, bool tangent)
-      : p(kBlockM * 2 * kBlockN), ts(tangent ? kBlockM * kBlockN : 0), acc(kBlockM * Dv),
-        tacc(tangent ? kBlockM * Dv : 0), m(kBlockM), l(kBlockM), r(kBlockM) {}
+      : s(kBlockM * kBlockN), ts(tangent ? kBlockM * kBlockN : 0), acc(kBlockM * Dv), tacc(tangent ? kBlockM * Dv : 0),
+        m(kBlockM), l(kBlockM), r(kBlockM) {}
 };
 
-// Operands in the layouts the tile GEMMs read. With a tangent, q and k live inside packed rows
-// qq = [q | tq] and kk = [tk | k] (so qq kk^T = q tK^T + tq K^T is ONE GEMM of inner width 2D), and
-// vv stacks each key tile as [tV ; V] (kBlockN rows each, zero padded), so that
-// [P~ | P~ * dS] vv = P~ tV + (P~ * dS) V is one GEMM of inner width 2 kBlockN.
-struct FwdOperands {
-  const float *q, *k, *v, *qq, *kk, *vv;  // qq == nullptr: no tangent
-  int64_t ldq, ldk;                        // row strides of q and k (D, or 2D inside qq / kk)
+struct FwdTensors {
+  const float *q, *k, *v, *tq, *tk, *tv;  // tq == nullptr: no tangent
   float *o, *lse, *to;
 };
 
-// V rows [j0, j0 + kBlockN) of key head bhk: inside vv's tile (after its tV rows) or in v.
-const float* v_tile(const FwdOperands& t, const Dims& d, int64_t bhk, int64_t j0) {
-  if (t.qq == nullptr) return t.v + (bhk * d.Lk + j0) * d.Dv;
-  const int64_t n_kb = (d.Lk + kBlockN - 1) / kBlockN;
-  return t.vv + ((bhk * n_kb + j0 / kBlockN) * 2 * kBlockN + kBlockN) * d.Dv;
-}
-
 // One (batch, head, query block): online softmax over key tiles, forward and (optionally) JVP.
-void fwd_block(const FwdOperands& t, const Dims& d, const MaskView& mv, bool causal, float tau, int64_t b,
+void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool causal, float tau, int64_t b,
                int64_t h, int64_t i0, FwdBuffers& buf) {
-  const bool tangent = t.qq != nullptr;
-  const int64_t ldp = 2 * kBlockN;  // P~ in columns [0, kBlockN), P~ * dS in [kBlockN, 2 kBlockN)
-  const int64_t bm = std::min(kBlockM, d.Lq - i0), bhk = b * d.Hk + h / (d.H / d.Hk);
-  const int64_t row0 = (b * d.H + h) * d.Lq + i0;
-  float *P = buf.p.data(), *TS = buf.ts.data(), *acc = buf.acc.data(), *tacc = buf.tacc.data();
+  const bool tangent = t.tq != nullptr;
+  const int64_t bm = std::min(kBlockM, d.Lq - i0), hk = h / (d.H / d.Hk);
+  const int64_t q_off = ((b * d.H + h) * d.Lq + i0) * d.D, o_off = ((b * d.H + h) * d.Lq + i0) * d.Dv;
+  const int64_t k_off = (b * d.Hk + hk) * d.Lk * d.D, v_off = (b * d.Hk + hk) * d.Lk * d.Dv;
+  float *S = buf.s.data(), *TS = buf.ts.data(), *acc = buf.acc.data(), *tacc = buf.tacc.data();
   std::fill(buf.m.begin(), buf.m.end(), kNegInf);
   std::fill(buf.l.begin(), buf.l.end(), 0.f);
   std::fill(buf.r.begin(), buf.r.end(), 0.f);
@@ -150,15 +138,14 @@ void fwd_block(const FwdOperands& t, const Dims& d, const MaskView& mv, bool cau
   const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
   for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
     const int64_t bn = std::min(kBlockN, hi - j0);
-    const float* V = v_tile(t, d, bhk, j0);
-    gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + row0 * t.ldq, t.ldq, t.k + (bhk * d.Lk + j0) * t.ldk, t.ldk, 0.f,
-            P, ldp);
-    if (tangent) {  // dS / tau = [Q | tQ] [tK | K]^T
-      gemm_rm(false, true, bm, bn, 2 * d.D, 1.f, t.qq + row0 * 2 * d.D, 2 * d.D, t.kk + (bhk * d.Lk + j0) * 2 * d.D,
-              2 * d.D, 0.f, TS, kBlockN);
+    const float *K = t.k + k_off + j0 * d.D, *V = t.v + v_off + j0 * d.Dv;
+    gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + q_off, d.D, K, d.D, 0.f, S, kBlockN);
+    if (tangent) {  // dS / tau = tQ K^T + Q tK^T
+      gemm_rm(false, true, bm, bn, d.D, 1.f, t.tq + q_off, d.D, K, d.D, 0.f, TS, kBlockN);
+      gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + q_off, d.D, t.tk + k_off + j0 * d.D, d.D, 1.f, TS, kBlockN);
     }
     for (int64_t i = 0; i < bm; ++i) {
-      float* row = P + i * ldp;
+      float* row = S + i * kBlockN;
       const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
       const float m_new = std::max(buf.m[i], finish_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0));
       const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
@@ -167,36 +154,26 @@ void fwd_block(const FwdOperands& t, const Dims& d, const MaskView& mv, bool cau
       buf.m[i] = m_new;
       for (int64_t c = 0; c < d.Dv; ++c) acc[i * d.Dv + c] *= alpha;
       if (!tangent) continue;
-      float* pds = row + kBlockN;
-      const float rs = masked_product_sum(row, TS + i * kBlockN, pds, bn, tau);  // P~ * dS
-      std::fill(row + bn, row + kBlockN, 0.f);  // a short last tile: no contribution from the padding
-      std::fill(pds + bn, pds + kBlockN, 0.f);
+      float* trow = TS + i * kBlockN;
+      const float rs = masked_product_sum(row, trow, trow, bn, tau);  // P~ * dS, in place
       buf.r[i] = buf.r[i] * alpha + rs;
       for (int64_t c = 0; c < d.Dv; ++c) tacc[i * d.Dv + c] *= alpha;
     }
-    gemm_rm(false, false, bm, d.Dv, bn, 1.f, P, ldp, V, d.Dv, 1.f, acc, d.Dv);
+    gemm_rm(false, false, bm, d.Dv, bn, 1.f, S, kBlockN, V, d.Dv, 1.f, acc, d.Dv);
     if (tangent) {
-      gemm_rm(false, false, bm, d.Dv, ldp, 1.f, P, ldp, V - kBlockN * d.Dv, d.Dv, 1.f, tacc, d.Dv);
+      gemm_rm(false, false, bm, d.Dv, bn, 1.f, S, kBlockN, t.tv + v_off + j0 * d.Dv, d.Dv, 1.f, tacc, d.Dv);
+      gemm_rm(false, false, bm, d.Dv, bn, 1.f, TS, kBlockN, V, d.Dv, 1.f, tacc, d.Dv);
     }
   }
   for (int64_t i = 0; i < bm; ++i) {  // epilogue; rows without a valid key: o = to = 0, lse = -inf
     const float l = buf.l[i], inv = l > 0.f ? 1.f / l : 0.f;
-    float* o = t.o + (row0 + i) * d.Dv;
+    float* o = t.o + o_off + i * d.Dv;
     for (int64_t c = 0; c < d.Dv; ++c) o[c] = acc[i * d.Dv + c] * inv;
-    t.lse[row0 + i] = l > 0.f ? buf.m[i] + std::log(l) : kNegInf;
+    t.lse[(b * d.H + h) * d.Lq + i0 + i] = l > 0.f ? buf.m[i] + std::log(l) : kNegInf;
     if (!tangent) continue;
-    float* to = t.to + (row0 + i) * d.Dv;
+    float* to = t.to + o_off + i * d.Dv;
     for (int64_t c = 0; c < d.Dv; ++c) to[c] = (tacc[i * d.Dv + c] - buf.r[i] * o[c]) * inv;
   }
-}
-
-// [tV ; V] per key tile: (B, Hk, n_kb, 2 kBlockN, Dv), rows past Lk zero.
-at::Tensor stack_value_tiles(const at::Tensor& v, const at::Tensor& tv) {
-  const int64_t Lk = v.size(2), n_kb = (Lk + kBlockN - 1) / kBlockN, pad = n_kb * kBlockN - Lk;
-  auto tiles = [&](const at::Tensor& x) {
-    return at::constant_pad_nd(x, {0, 0, 0, pad}).view({x.size(0), x.size(1), n_kb, kBlockN, x.size(3)});
-  };
-  return at::cat({tiles(tv), tiles(v)}, 3).contiguous();
 }
 
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor* tq_,
@@ -204,22 +181,16 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, con
                                  bool causal, double scale) {
   const Dims d = check_inputs(q_, k_, v_, mask);
   const bool tangent = tq_ != nullptr;
-  at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), qq, kk, vv, mask_holder;
-  FwdOperands t{};
-  if (tangent) {
-    qq = at::cat({q, f32(*tq_)}, -1).contiguous();
-    kk = at::cat({f32(*tk_), k}, -1).contiguous();
-    vv = stack_value_tiles(v, f32(*tv_));
-    t.q = qq.data_ptr<float>(), t.k = kk.data_ptr<float>() + d.D, t.ldq = t.ldk = 2 * d.D;
-    t.qq = qq.data_ptr<float>(), t.kk = kk.data_ptr<float>(), t.vv = vv.data_ptr<float>();
-  } else {
-    t.q = q.data_ptr<float>(), t.k = k.data_ptr<float>(), t.v = v.data_ptr<float>(), t.ldq = t.ldk = d.D;
-  }
+  at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), tq, tk, tv, mask_holder;
+  if (tangent) tq = f32(*tq_), tk = f32(*tk_), tv = f32(*tv_);
   const MaskView mv = mask_view(mask, mask_holder);
   auto opts = q.options();
   at::Tensor o = at::empty({d.B, d.H, d.Lq, d.Dv}, opts), lse = at::empty({d.B, d.H, d.Lq}, opts);
   at::Tensor to = tangent ? at::empty_like(o) : at::Tensor();
-  t.o = o.data_ptr<float>(), t.lse = lse.data_ptr<float>(), t.to = tangent ? to.data_ptr<float>() : nullptr;
+  const FwdTensors t{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                     tangent ? tq.data_ptr<float>() : nullptr, tangent ? tk.data_ptr<float>() : nullptr,
+                     tangent ? tv.data_ptr<float>() : nullptr, o.data_ptr<float>(), lse.data_ptr<float>(),
+                     tangent ? to.data_ptr<float>() : nullptr};
   const int64_t n_mblocks = (d.Lq + kBlockM - 1) / kBlockM;
   at::parallel_for(0, d.B * d.H * n_mblocks, 1, [&](int64_t begin, int64_t end) {
     FwdBuffers buf(d.Dv, tangent);

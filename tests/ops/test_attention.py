@@ -215,3 +215,23 @@ def test_longer_sequences(L, device_backend):
     primals, tangents, mask, causal = run_case((1, 2, 2, L, L, 64, 64, True, "keypad"), torch.float32, device)
     check_all(primals, tangents, mask, causal, torch.float32)
 
+
+
+def random_case(seed):
+    """A seeded random problem: sizes from 1 to beyond a tile, any head dim, every option."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    Hk, G = r(1, 3), r(1, 3)
+    D = r(1, 256) if seed % 3 else r(1, 24)
+    mask = [None, "keypad", "bool", "additive"][r(0, 3)]
+    return (r(1, 2), Hk * G, Hk, r(1, 300), r(1, 300), D, r(1, 130), bool(r(0, 1)), mask)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cpp_kernels_random_shapes(seed):
+    """The C++ CPU kernels on random shapes against fp64, under the tolerance rule."""
+    from scm_fast.ops import use_backend
+    case = random_case(seed)
+    with use_backend("cpp"):
+        primals, tangents, mask, causal = run_case(case, torch.float32, "cpu")
+        check_all(primals, tangents, mask, causal, torch.float32)
