@@ -35,7 +35,7 @@ report: $(STAMP)
 
 asan: $(STAMP)
 	SCM_FAST_ASAN=1 $(PY) -m pip install -q -e . --no-build-isolation
-	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
 		$(PY) -m pytest -q -p no:cacheprovider tests/ops -k "cpp or opcheck"; \
 		status=$$?; $(PY) -m pip install -q -e . --no-build-isolation; exit $$status
 
