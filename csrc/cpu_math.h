@@ -75,6 +75,16 @@ inline __m256 exp_fast8(__m256 x) {
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum8(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  float sum = 0.f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+#endif
+
 // x[j] = exp(x[j] - sub) for j < n; returns the sum of the results.
 inline float exp_sub_sum(float* x, int64_t n, float sub) {
   int64_t j = 0;
@@ -87,9 +97,7 @@ inline float exp_sub_sum(float* x, int64_t n, float sub) {
     _mm256_storeu_ps(x + j, e);
     acc = _mm256_add_ps(acc, e);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (float lane : lanes) sum += lane;
+  sum = hsum8(acc);
 #endif
   for (; j < n; ++j) {
     x[j] = exp_fast(x[j] - sub);
@@ -113,9 +121,7 @@ inline float masked_product_sum(const float* p, const float* t, float* out, int6
     _mm256_storeu_ps(out + j, o);
     acc = _mm256_add_ps(acc, o);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  for (float lane : lanes) sum += lane;
+  sum = hsum8(acc);
 #endif
   for (; j < n; ++j) {
     out[j] = p[j] == 0.f ? 0.f : scale * p[j] * t[j];
