@@ -98,16 +98,24 @@ def _check_tangents(primals, tangents):
 
 
 # ---- kernels behind the dispatcher -----------------------------------------------------------
-def _triton(fn_name):
-    def run(*args):
-        from scm_fast.kernels import attention_jvp as kernels
-        if args[0].dtype == torch.float64 or args[1].dtype == torch.float64:
-            raise TypeError("float64 attention runs on the reference backend only")
-        if fn_name == "fwd_jvp":
-            q, k, v, tq, tk, tv, mask, causal, scale = args
-            return kernels.attention_fwd(q, k, v, mask, causal, scale, tq, tk, tv)
-        return getattr(kernels, "attention_" + fn_name)(*args)
-    return run
+def _kernels(q):
+    """The Triton launchers (imported on first use), for fp32/fp16/bf16 inputs."""
+    if q.dtype == torch.float64:
+        raise TypeError("float64 attention runs on the reference backend only")
+    from scm_fast.kernels import attention_jvp
+    return attention_jvp
+
+
+def _triton_fwd(q, k, v, mask, causal, scale):
+    return _kernels(q).attention_fwd(q, k, v, mask, causal, scale)
+
+
+def _triton_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, scale):
+    return _kernels(q).attention_fwd(q, k, v, mask, causal, scale, tq, tk, tv)
+
+
+def _triton_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
+    return _kernels(q).attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale)
 
 
 def _lse_like(q):
@@ -128,9 +136,9 @@ def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_registry.define("attention_fwd", attention_fwd_chunked, _triton("fwd"), _fake_fwd)
-_registry.define("attention_fwd_jvp", attention_fwd_jvp_chunked, _triton("fwd_jvp"), _fake_fwd_jvp)
-_registry.define("attention_bwd", attention_bwd_chunked, _triton("bwd"), _fake_bwd)
+_registry.define("attention_fwd", attention_fwd_chunked, _triton_fwd, _fake_fwd)
+_registry.define("attention_fwd_jvp", attention_fwd_jvp_chunked, _triton_fwd_jvp, _fake_fwd_jvp)
+_registry.define("attention_bwd", attention_bwd_chunked, _triton_bwd, _fake_bwd)
 
 
 # ---- autograd --------------------------------------------------------------------------------
