@@ -98,12 +98,19 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
   return mv;
 }
 
-// Scores of one tile row: tau * s + bias, -inf outside the causal triangle. Returns the row max.
-float finish_scores(float* row, int64_t n, int64_t visible, float tau, const MaskView& mv, int64_t b, int64_t h,
-                    int64_t i, int64_t j0) {
+// Scores of one tile row before the exp; returns the factor the exp still has to apply. Rows without
+// mask or causal cut stay raw (the exp multiplies by tau, one pass less); others become tau s + bias
+// with -inf outside the causal triangle.
+float prepare_scores(float* row, int64_t n, int64_t visible, float tau, const MaskView& mv, int64_t b, int64_t h,
+                     int64_t i, int64_t j0) {
+  if (mv.empty() && visible >= n && tau > 0.f) return tau;
   for (int64_t j = 0; j < n; ++j) row[j] *= tau;
   if (!mv.empty()) mv.add_row(row, std::min(n, visible), b, h, i, j0);
   for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) row[j] = kNegInf;
+  return 1.f;
+}
+
+float row_max(const float* row, int64_t n) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
   for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
@@ -147,10 +154,11 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool caus
     for (int64_t i = 0; i < bm; ++i) {
       float* row = S + i * kBlockN;
       const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
-      const float m_new = std::max(buf.m[i], finish_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0));
+      const float mult = prepare_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0);
+      const float m_new = std::max(buf.m[i], mult * row_max(row, bn));  // mult > 0
       const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
       const float alpha = exp_fast(buf.m[i] - m_safe);
-      buf.l[i] = buf.l[i] * alpha + exp_sub_sum(row, bn, m_safe);
+      buf.l[i] = buf.l[i] * alpha + exp_sub_sum(row, bn, m_safe, mult);
       buf.m[i] = m_new;
       for (int64_t c = 0; c < d.Dv; ++c) acc[i * d.Dv + c] *= alpha;
       if (!tangent) continue;
@@ -235,9 +243,9 @@ void bwd_head(const float* q, const float* k, const float* v, const float* dO, c
       for (int64_t i = 0; i < bm; ++i) {
         float *row = P.data() + i * kBlockN, *drow = dS.data() + i * kBlockN;
         const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
-        finish_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0);
+        const float mult = prepare_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0);
         const float l = lse[i0 + i] == kNegInf ? -kNegInf : lse[i0 + i], dl = delta[i0 + i];
-        exp_sub_sum(row, bn, l);  // P = exp(S - lse)
+        exp_sub_sum(row, bn, l, mult);  // P = exp(S - lse)
 #pragma omp simd
         for (int64_t j = 0; j < bn; ++j) drow[j] = tau * row[j] * (drow[j] - dl);
       }

@@ -85,22 +85,22 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
-// x[j] = exp(x[j] - sub) for j < n; returns the sum of the results.
-inline float exp_sub_sum(float* x, int64_t n, float sub) {
+// x[j] = exp(scale * x[j] - sub) for j < n; returns the sum of the results.
+inline float exp_sub_sum(float* x, int64_t n, float sub, float scale = 1.f) {
   int64_t j = 0;
   float sum = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
-  const __m256 s = _mm256_set1_ps(sub);
+  const __m256 s = _mm256_set1_ps(sub), m = _mm256_set1_ps(scale);
   for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_fast8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
+    const __m256 e = exp_fast8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), m, s));
     _mm256_storeu_ps(x + j, e);
     acc = _mm256_add_ps(acc, e);
   }
   sum = hsum8(acc);
 #endif
   for (; j < n; ++j) {
-    x[j] = exp_fast(x[j] - sub);
+    x[j] = exp_fast(scale * x[j] - sub);
     sum += x[j];
   }
   return sum;
