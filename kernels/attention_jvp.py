@@ -27,8 +27,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 # Tiles used under the Triton interpreter (tests size sequences around these).
 INTERPRET_BLOCK_M = 64
 INTERPRET_BLOCK_N = 64

@@ -40,7 +40,6 @@ except ImportError as exc:  # a source checkout that was never built
 
 _lib = torch.library.Library("scm_fast", "IMPL") if _C is not None else None
 _calls = {}
-_cpu_impls = {}
 
 
 def backend():
@@ -88,7 +87,6 @@ def define(name, reference, triton_fn, fake):
     def cuda_impl(*args):
         return reference(*args) if backend() == "reference" else triton_fn(*args)
 
-    _cpu_impls[name] = cpu_impl
     if _C is None:
         _calls[name] = lambda *args: (cuda_impl if args[0].is_cuda else cpu_impl)(*args)
         return
