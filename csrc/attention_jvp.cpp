@@ -110,13 +110,6 @@ float prepare_scores(float* row, int64_t n, int64_t visible, float tau, const Ma
   return 1.f;
 }
 
-float row_max(const float* row, int64_t n) {
-  float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, row[j]);
-  return mx;
-}
-
 struct FwdBuffers {
   std::vector<float> s, ts, acc, tacc, m, l, r;
   FwdBuffers(int64_t Dv, bool tangent)

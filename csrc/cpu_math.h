@@ -85,6 +85,21 @@ inline float hsum8(__m256 v) {
 }
 #endif
 
+// max_j x[j] (-inf for n == 0). Explicit AVX2: gcc leaves the std::max reduction scalar.
+inline float row_max(const float* x, int64_t n) {
+  int64_t j = 0;
+  float mx = -__builtin_inff();
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_set1_ps(mx);
+  for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(acc, _mm256_loadu_ps(x + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float lane : lanes) mx = lane > mx ? lane : mx;
+#endif
+  for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
 // x[j] = exp(scale * x[j] - sub) for j < n; returns the sum of the results.
 inline float exp_sub_sum(float* x, int64_t n, float sub, float scale = 1.f) {
   int64_t j = 0;
