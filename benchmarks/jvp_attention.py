@@ -8,22 +8,28 @@ extra memory measured:
              what codebases without a JVP kernel do (O(L^2) memory)
   sdpa_fwd   the primal SDPA forward with its default backend, no JVP, no grad: the speed of light
   jvp_flash  torch.func.jvp over the jvp_flash_attention package's kernel (CUDA only, if installed)
+and, for the forward and backward alone (what a plain training step runs):
+  fused_fwd  scm_fast.ops.attention under no_grad, against sdpa_fwd
+  fused_bwd  backward of scm_fast.ops.attention (torch.autograd.grad of a recorded forward)
+  sdpa_bwd   backward of F.scaled_dot_product_attention with its default backend, the same way
 
 FLOPs: forward + JVP = 12 B H L^2 D, six L x L x D matmuls of 2 L^2 D each (scm-reference §7:
-Q K^T, tQ K^T + Q tK^T, P V, P tV, (P * dS) V); forward alone = 4 B H L^2 D. The machine's own
-matmul rate is measured in the same run; "x limit" = fused time / (12 B H L^2 D / matmul rate).
+Q K^T, tQ K^T + Q tK^T, P V, P tV, (P * dS) V); forward alone = 4 B H L^2 D; backward = 10 B H L^2 D
+(Q K^T recomputed, dO V^T, P^T dO, dS K, dS^T Q). The machine's own matmul rate is measured in the
+same run; "x limit" = fused time / (12 B H L^2 D / matmul rate).
 
 Each (method, L, D) runs in a fresh subprocess of this script (hidden --worker mode), which
 allocates the inputs, warms the code paths up on a tiny problem, then runs the full-size problem
 once and records the peak extra memory: on CPU VmHWM - VmRSS after the inputs (the high-water mark
-is reset through /proc/self/clear_refs, Linux only), on CUDA max_memory_allocated - the inputs.
-Before timing, the worker checks the result on the first 128 query rows of batch 0 (rows are
-independent, so this is exact) against an fp64 attention_ref JVP: max error <= TOL[dtype] x
-max(1, max |exact|), for the output and the tangent, else it aborts the benchmark.
+is reset through /proc/self/clear_refs, Linux only), on CUDA max_memory_allocated - the inputs
+(for the backward rows: beyond the recorded forward). Before timing, the worker checks the result
+on the first 128 query rows of batch 0 (rows are independent, so this is exact) against fp64
+attention_ref: the output and tangent of its JVP, its output, or its grad_q for the backward rows;
+max error <= TOL[dtype] x max(1, max |exact|), else it aborts the benchmark.
 Time: median over repetitions after that warm-up run (CPU: time.perf_counter, fewer repetitions for
 longer runs; CUDA: triton.testing.do_bench).
 
-Run:  python benchmarks/jvp_attention.py           full run (fp32 on CPU: about 15 minutes)
+Run:  python benchmarks/jvp_attention.py           full run (fp32 on CPU: about 25 minutes)
       python benchmarks/jvp_attention.py --quick   smoke run: L 512, 1024 and D 64 only
 Writes OUT/jvp_attention.json (raw numbers and environment) and, with matplotlib, OUT/jvp_attention.png.
 """
@@ -82,9 +88,21 @@ def jvp_flash_available():
     return True
 
 
+KIND = {"fused": "jvp", "math": "jvp", "jvp_flash": "jvp", "sdpa_fwd": "fwd", "fused_fwd": "fwd",
+        "fused_bwd": "bwd", "sdpa_bwd": "bwd"}
+FLOP_PER_L2D = {"jvp": 12, "fwd": 4, "bwd": 10}
+
+
 def method_fn(method, q, k, v, tq, tk, tv):
-    """A thunk returning (o,) or (o, to) for `method`."""
+    """A thunk returning (o, to) for JVP methods, (o,) for forwards, (dq, dk, dv) for backwards.
+
+    A backward method records its forward here, outside the thunk; tq serves as grad_out."""
     primals, tangents = (q, k, v), (tq, tk, tv)
+    if KIND[method] == "bwd":
+        fn = attention if method == "fused_bwd" else F.scaled_dot_product_attention
+        primals = [x.detach().requires_grad_() for x in primals]
+        out = fn(*primals)
+        return lambda: torch.autograd.grad(out, primals, tq, retain_graph=True)
     if method == "fused":
         return lambda: torch.func.jvp(lambda q, k, v: attention(q, k, v), primals, tangents)
     if method == "math":
@@ -96,9 +114,11 @@ def method_fn(method, q, k, v, tq, tk, tv):
         from jvp_flash_attention.jvp_attention import JVPAttn
         return lambda: torch.func.jvp(JVPAttn.fwd_dual, primals, tangents)
 
+    fn = attention if method == "fused_fwd" else F.scaled_dot_product_attention
+
     def forward():
         with torch.no_grad():
-            return (F.scaled_dot_product_attention(q, k, v),)
+            return (fn(q, k, v),)
     return forward
 
 
@@ -107,13 +127,25 @@ def make_inputs(B, H, L, D, dtype, device, seed=0):
     return [torch.randn(B, H, L, D, dtype=dtype, device=device, generator=gen) for _ in range(6)]
 
 
-def check(method, outputs, inputs):
-    """Abort unless outputs match an fp64 attention_ref JVP on the first rows of batch 0."""
+def exact_rows(kind, inputs):
+    """(names, fp64 attention_ref results) on the first CHECK_ROWS query rows of batch 0."""
     q, k, v, tq, tk, tv = (x[:1].double() for x in inputs)
     rows = slice(0, CHECK_ROWS)
-    exact = torch.func.jvp(attention_ref, (q[:, :, rows], k, v), (tq[:, :, rows], tk, tv))
+    q, tq = q[:, :, rows], tq[:, :, rows]
+    if kind == "jvp":
+        return ("output", "tangent"), torch.func.jvp(attention_ref, (q, k, v), (tq, tk, tv))
+    if kind == "fwd":
+        return ("output",), (attention_ref(q, k, v),)
+    q.requires_grad_()
+    return ("grad_q",), torch.autograd.grad(attention_ref(q, k, v), q, tq)  # tq is grad_out
+
+
+def check(method, outputs, inputs):
+    """Abort unless outputs match fp64 attention_ref on the first rows of batch 0."""
+    rows = slice(0, CHECK_ROWS)
+    names, exact = exact_rows(KIND[method], inputs)
     errors = {}
-    for name, got, want in zip(("output", "tangent"), outputs, exact):
+    for name, got, want in zip(names, outputs, exact):
         errors[name] = (got[:1, :, rows].double() - want).abs().max().item()
         bound = TOL[inputs[0].dtype] * max(1.0, want.abs().max().item())
         if not errors[name] <= bound:
@@ -171,7 +203,8 @@ def worker(spec):
     errors = check(spec["method"], out, inputs)
     del out
     seconds, reps = time_fn(fn, device, first_run_s)
-    backend = _registry.describe()["attention_fwd_jvp"][device]  # what this process dispatched to
+    op = {"jvp": "attention_fwd_jvp", "fwd": "attention_fwd", "bwd": "attention_bwd"}[KIND[spec["method"]]]
+    backend = _registry.describe()[op][device]  # what this process dispatched to
     print(json.dumps({"time_s": seconds, "reps": reps, "extra_bytes": extra, "max_errors": errors,
                       "scm_fast_backend": backend}))
 
@@ -202,7 +235,7 @@ def run_all(args, methods, notes):
     runs = [(L, D, m) for D in args.D for L in args.L for m in methods]
     results = []
     for i, (L, D, method) in enumerate(runs, 1):
-        flop = (4 if method == "sdpa_fwd" else 12) * args.B * args.H * L * L * D
+        flop = FLOP_PER_L2D[KIND[method]] * args.B * args.H * L * L * D
         row = {"method": method, "L": L, "D": D, "flop": flop}
         if method == "math" and args.skip_math_above and L > args.skip_math_above:
             results.append({**row, "skipped": True})
@@ -244,6 +277,27 @@ def table(args, results, rate):
                 j = get[("jvp_flash", L, D)]
                 row += [fmt_time(j["time_s"]), f"{j['extra_bytes'] / MiB:.0f}"]
             lines.append([str(c) for c in row])
+    return aligned(head, lines)
+
+
+def fwd_bwd_table(args, results, unit, scale):
+    """Forward alone and backward alone: scm_fast against SDPA's default backend."""
+    get = {(r["method"], r["L"], r["D"]): r for r in results}
+    head = ["L", "D", "fused fwd", "sdpa fwd", "fwd ratio", f"fwd {unit}", "fused bwd", "bwd MiB",
+            "sdpa bwd", "sdpa MiB", "bwd ratio", f"bwd {unit}"]
+    lines = []
+    for D in args.D:
+        for L in args.L:
+            ff, sf, fb, sb = (get[(k, L, D)] for k in ("fused_fwd", "sdpa_fwd", "fused_bwd", "sdpa_bwd"))
+            lines.append([str(c) for c in (
+                L, D, fmt_time(ff["time_s"]), fmt_time(sf["time_s"]), f"{ff['time_s'] / sf['time_s']:.2f}",
+                f"{ff['flop'] / ff['time_s'] / scale:.1f}", fmt_time(fb["time_s"]),
+                f"{fb['extra_bytes'] / MiB:.0f}", fmt_time(sb["time_s"]), f"{sb['extra_bytes'] / MiB:.0f}",
+                f"{fb['time_s'] / sb['time_s']:.2f}", f"{fb['flop'] / fb['time_s'] / scale:.1f}")])
+    return aligned(head, lines)
+
+
+def aligned(head, lines):
     widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + lines)
 
@@ -284,7 +338,7 @@ def main():
     backend = _registry.describe()["attention_fwd_jvp"][args.device]
     print(f"device {args.device}, {args.dtype}, B={args.B} H={args.H}, {args.threads} threads, "
           f"torch {torch.__version__}; scm_fast backend: {backend}", file=sys.stderr)
-    notes, methods = [], ["fused", "math", "sdpa_fwd"]
+    notes, methods = [], ["fused", "math", "sdpa_fwd", "fused_fwd", "fused_bwd", "sdpa_bwd"]
     if args.device == "cuda" and jvp_flash_available():
         methods.append("jvp_flash")
     else:
@@ -310,6 +364,9 @@ def main():
     print("speedup = math / fused; fused/fwd = fused / SDPA primal forward; x limit = fused time / "
           "(12 B H L^2 D / matmul rate); MiB = peak extra memory\n")
     print(table(args, results, rate))
+    print("\nforward alone and backward alone; ratio = scm_fast / SDPA default backend "
+          "(bwd MiB: peak extra memory of the backward beyond the recorded forward)\n")
+    print(fwd_bwd_table(args, results, unit, scale))
     for note in notes:
         print(f"note: {note}")
     print("wrote " + ", ".join(written))
