@@ -6,7 +6,7 @@ implementations against them: the Triton kernels for CUDA, and on CPU the backen
   auto       the C++ CPU kernels (csrc/, ops `<name>_cpu`) for fp32/fp16/bf16; fp64 and a source
              checkout without the extension use the reference
   cpp        the C++ CPU kernels, or an error where they do not apply
-  reference  the key-chunked PyTorch reference, on every device
+  reference  the PyTorch reference (attention: key-chunked), on every device
   triton     the Triton kernels, also for CPU tensors under the interpreter (TRITON_INTERPRET=1
              must be set before scm_fast is imported); this is how the GPU code is tested on CPU
 Every call from the autograd.Functions goes through `call`, i.e. through `torch.ops.scm_fast.*`,
@@ -77,11 +77,12 @@ def define(name, reference, triton_fn, fake):
         chosen = backend()
         if chosen == "triton":
             return _triton_for_cpu(name, triton_fn)(*args)
-        if chosen in ("auto", "cpp") and _C is not None and args[1].dtype != torch.float64:
+        fp64 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)
+        if chosen in ("auto", "cpp") and _C is not None and not fp64:
             return getattr(torch.ops.scm_fast, name + "_cpu")(*args)
         if chosen == "cpp":
             raise TypeError(f"scm_fast.{name}: the cpp backend needs the built extension and "
-                            f"fp32/fp16/bf16 inputs, got {args[1].dtype}")
+                            f"fp32/fp16/bf16 inputs, got {[a.dtype for a in args if isinstance(a, torch.Tensor)]}")
         return reference(*args)
 
     def cuda_impl(*args):
@@ -104,8 +105,7 @@ def call(name, *args):
 def describe():
     """{op: {device: implementation}} for the current backend, as `python -m scm_fast.info` shows."""
     cpp = "cpp (C++ kernels)" if _C is not None else "reference (no _C)"
-    cpu = {"auto": cpp, "cpp": cpp, "reference": "reference (key-chunked PyTorch)",
-           "triton": "triton (interpreter)"}[backend()]
-    cuda = "reference (key-chunked PyTorch)" if backend() == "reference" else "triton"
+    cpu = {"auto": cpp, "cpp": cpp, "reference": "reference (PyTorch)", "triton": "triton (interpreter)"}[backend()]
+    cuda = "reference (PyTorch)" if backend() == "reference" else "triton"
     route = "torch.ops.scm_fast (C++ schema)" if _C is not None else "direct Python call (no _C)"
     return {name: {"cpu": cpu, "cuda": cuda, "route": route} for name in _calls}

@@ -1,0 +1,38 @@
+"""Modules built on scm_fast's fused ops."""
+import torch
+
+from scm_fast.ops.adaptive_norm import adaptive_double_norm
+
+__all__ = ["AdaptiveDoubleNorm"]
+
+
+class AdaptiveDoubleNorm(torch.nn.Module):
+    """norm(x) * pnorm(scale) + pnorm(shift) with (scale, shift) = Linear(emb) (scm-reference.md §5).
+
+    Replaces AdaGN / adaLN modulation: `channels` is C of x, `emb_dim` the width of the conditioning
+    embedding (time, class, guidance). norm: "layer", "rms" or "group" (with num_groups); affine
+    adds the inner norm's elementwise weight (and bias, except for rms). x is (B, L, C), (B, C) or
+    (B, C, *spatial) as in `scm_fast.ops.adaptive_double_norm`; emb is (B, emb_dim).
+    """
+
+    def __init__(self, channels, emb_dim, norm="layer", num_groups=None, eps=1e-6, affine=False,
+                 channels_last=None):
+        super().__init__()
+        if norm == "group" and num_groups is None:
+            num_groups = min(32, channels)
+            while channels % num_groups:
+                num_groups -= 1
+        self.channels, self.norm, self.num_groups, self.eps = channels, norm, num_groups, eps
+        self.channels_last = channels_last
+        self.emb = torch.nn.Linear(emb_dim, 2 * channels)  # -> (scale, shift)
+        self.weight = torch.nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = torch.nn.Parameter(torch.zeros(channels)) if affine and norm != "rms" else None
+
+    def forward(self, x, emb):
+        scale, shift = self.emb(emb).chunk(2, dim=-1)
+        return adaptive_double_norm(x, scale, shift, norm=self.norm, num_groups=self.num_groups, eps=self.eps,
+                                    weight=self.weight, bias=self.bias, channels_last=self.channels_last)
+
+    def extra_repr(self):
+        groups = f", num_groups={self.num_groups}" if self.norm == "group" else ""
+        return f"{self.channels}, norm={self.norm!r}{groups}, eps={self.eps}, affine={self.weight is not None}"
