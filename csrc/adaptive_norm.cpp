@@ -21,6 +21,8 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace scm_fast {
 namespace {
 
@@ -220,7 +222,7 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& x_, const at::Tensor& scale_,
   at::Tensor w = weight.has_value() ? f32(*weight) : at::Tensor(), bi = bias.has_value() ? f32(*bias) : at::Tensor();
   const Coefs k = make_coefs(d, f32(scale_), f32(shift_), tangent ? f32(*ts_) : at::Tensor(),
                              tangent ? f32(*tb_) : at::Tensor(), ptr_or_null(w), ptr_or_null(bi));
-  at::Tensor y = at::empty_like(x), ty = tangent ? at::empty_like(x) : at::Tensor();
+  at::Tensor y = empty_huge(x.sizes(), x.options()), ty = tangent ? empty_huge(x.sizes(), x.options()) : at::Tensor();
   const int64_t n_stats = d.norm == kGroup ? d.G : d.R;
   at::Tensor mean = at::empty({d.B, n_stats}, x.options()), rstd = at::empty({d.B, n_stats}, x.options());
   const Io io{x.data_ptr<float>(), ptr_or_null(tx), y.data_ptr<float>(), tangent ? ty.data_ptr<float>() : nullptr};
@@ -381,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> adaptive_
   at::Tensor x = f32(x_), dy = f32(grad_y), mean = f32(mean_), rstd = f32(rstd_);
   at::Tensor w = weight.has_value() ? f32(*weight) : at::Tensor(), bi = bias.has_value() ? f32(*bias) : at::Tensor();
   const Coefs k = make_coefs(d, f32(scale_), f32(shift_), at::Tensor(), at::Tensor(), ptr_or_null(w), ptr_or_null(bi));
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = empty_huge(x.sizes(), x.options());
   const BwdIo io{dy.data_ptr<float>(), x.data_ptr<float>(), dx.data_ptr<float>()};
   const float *mu = mean.data_ptr<float>(), *rs = rstd.data_ptr<float>();
   const bool rms = d.norm == kRms;

@@ -186,8 +186,8 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, con
   if (tangent) tq = f32(*tq_), tk = f32(*tk_), tv = f32(*tv_);
   const MaskView mv = mask_view(mask, mask_holder);
   auto opts = q.options();
-  at::Tensor o = at::empty({d.B, d.H, d.Lq, d.Dv}, opts), lse = at::empty({d.B, d.H, d.Lq}, opts);
-  at::Tensor to = tangent ? at::empty_like(o) : at::Tensor();
+  at::Tensor o = empty_huge({d.B, d.H, d.Lq, d.Dv}, opts), lse = at::empty({d.B, d.H, d.Lq}, opts);
+  at::Tensor to = tangent ? empty_huge(o.sizes(), opts) : at::Tensor();
   const FwdTensors t{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                      tangent ? tq.data_ptr<float>() : nullptr, tangent ? tk.data_ptr<float>() : nullptr,
                      tangent ? tv.data_ptr<float>() : nullptr, o.data_ptr<float>(), lse.data_ptr<float>(),

@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -17,6 +21,20 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 namespace scm_fast {
+
+// at::empty whose pages fault in as 2 MiB huge pages where the kernel allows it (transparent huge
+// pages in "madvise" mode, the common default). A fresh 300 MB output otherwise takes ~70k page
+// faults, which cost several times what the kernel writing it does (benchmarks/NOTES.md).
+inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr()), n = t.nbytes();
+  const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + n) & ~(kHuge - 1);
+  if (n >= 2 * kHuge && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
 
 // Row-major C (m x n) = alpha * op(A) op(B) + beta * C, with op(X) = X or X^T (ta / tb), leading
 // dimensions as stored. Column-major BLAS sees C^T = op(B)^T op(A)^T, hence the swapped operands.

@@ -189,9 +189,12 @@ class _AdaptiveNormFused(torch.autograd.Function):
         ctx.save_for_backward(x, scale, shift, weight, bias, mean, rstd)
         ctx.save_for_forward(ty) if tangents_of_inputs else ctx.save_for_forward(x, scale, shift, weight, bias)
         ctx.config, ctx.fused = config, tangents_of_inputs
+        ctx.set_materialize_grads(False)  # no zero tangents for tx, tscale, tshift (a full x-sized fill)
 
     @staticmethod
     def backward(ctx, grad_y, _gm, _gr, _gt):
+        if grad_y is None:
+            return (None,) * 10
         gx, gs, gb, gw, gbias = _backward(ctx, grad_y)
         return gx, gs, gb, None, None, None, gw, gbias, None, None
 
@@ -201,6 +204,8 @@ class _AdaptiveNormFused(torch.autograd.Function):
             (ty,) = ctx.saved_tensors
         else:  # an outer forward AD over explicit-tangent code
             x, scale, shift, weight, bias = ctx.saved_tensors
+            if gx is None and gscale is None and gshift is None:
+                return None, None, None, None
             tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, gx), (scale, gscale), (shift, gshift))]
             ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
         return ty, None, None, None

@@ -198,9 +198,12 @@ class _AttentionFused(torch.autograd.Function):
         else:
             ctx.save_for_forward(q, k, v)
         ctx.mask, ctx.causal, ctx.scale, ctx.fused = mask, causal, scale, tangents_of_inputs
+        ctx.set_materialize_grads(False)  # no zero tangents for tq, tk, tv (a full-size fill each)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_to):
+        if grad_out is None:
+            return (None,) * 10
         return *_backward(ctx, grad_out), None, None, None, None, None, None, None
 
     @staticmethod
@@ -209,6 +212,9 @@ class _AttentionFused(torch.autograd.Function):
             (to,) = ctx.saved_tensors
         else:  # an outer forward AD over explicit-tangent code: the JVP along (gq, gk, gv)
             q, k, v = ctx.saved_tensors
+            if gq is None and gk is None and gv is None:
+                return None, None, None
+            gq, gk, gv = (torch.zeros_like(x) if g is None else g for x, g in ((q, gq), (k, gk), (v, gv)))
             _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.scale)
         return to, None, None
 
