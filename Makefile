@@ -1,6 +1,6 @@
 # make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
 # make test-slow  the larger cases too
-# make bench      CPU benchmarks (fused attention JVP vs PyTorch) and the GPU kernel build report
+# make bench      CPU benchmarks (fused attention JVP and adaptive norm vs PyTorch) and the GPU kernel build report
 # make asan       the C++ kernel tests under AddressSanitizer (rebuilds the extension twice)
 # make gpu-check  on a CUDA machine: CUDA tests, kernel report, benchmarks
 PYTHON ?= python3
@@ -28,6 +28,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/adaptive_norm.py
 	$(PY) benchmarks/jvp_attention.py
 
 report: $(STAMP)
@@ -45,6 +46,7 @@ gpu-check: $(STAMP)
 	$(PY) -m scm_fast.info
 	$(PY) -m pytest -q -m "slow or not slow" tests
 	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/adaptive_norm.py --device cuda
 	$(PY) benchmarks/jvp_attention.py --device cuda
 
 clean:
