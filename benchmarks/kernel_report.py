@@ -1,4 +1,4 @@
-"""Compile report for the Triton attention kernels, for sm_80 and sm_90, without a GPU.
+"""Compile report for the Triton attention and adaptive-norm kernels, for sm_80 and sm_90, without a GPU.
 
 Every kernel of kernels/attention_jvp.py is compiled ahead of time (triton.compile with a
 GPUTarget) for every head-dim tile BLOCK_D in (64, 128, 256) (BLOCK_DV = BLOCK_D) and every tuning
@@ -14,9 +14,17 @@ config of CONFIGS, in its heaviest variant (additive fp32 mask, causal). Per con
 Arguments are assumed aligned (pointers and all sizes and strides but H, GROUP divisible by 16), as
 the JIT specializes them for head dims and sequence lengths that are multiples of 16.
 
+The adaptive-norm kernels of kernels/adaptive_norm.py (kinds norm_fwd, norm_fwd_jvp, norm_bwd,
+norm_finish) are compiled with the launchers' heuristic tiles for every channel count of --norm-c
+and the cases of NORM_CASES (norm, layout, R positions, G groups), weight and bias present, scale and
+shift in the dtype of x; the block_d column holds C there, and the config column the norm, layout
+(cl: channels-last, cf: channels-first), the tile (positions x channels), "chunk" when rows are read
+in channel chunks, and the warps.
+
     python benchmarks/kernel_report.py [--dtypes fp16,bf16,fp32] [--arch 80,90] [--json PATH]
 
-(--kinds, --block-d and --defaults-only narrow the sweep; all of it takes ~6 min on 2 CPU cores.)
+(--kinds, --block-d, --norm-c and --defaults-only narrow the sweep; all of it takes ~6 min on 2 CPU
+cores, the 104 norm configs ~1 min of it.)
 
 Exits non-zero if any config fails to compile. Under TRITON_INTERPRET=1 the kernels are not
 JITFunctions, so the compiles run in a subprocess with the variable removed.
@@ -35,6 +43,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from scm_fast.kernels import adaptive_norm as an
 from scm_fast.kernels import attention_jvp as aj
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -45,7 +54,10 @@ KERNELS = {"fwd": aj._attn_fwd_kernel, "fwd_jvp": aj._attn_fwd_kernel,
 INT_ARGS = {"H", "GROUP", "Lq", "Lk", "D", "DV"}
 FP32_PTRS = {"Mask", "LSE", "Delta"}
 UNALIGNED = {"H", "GROUP"}
-NO_DOT = ("bwd_delta",)
+NORM_KINDS = ("norm_fwd", "norm_fwd_jvp", "norm_bwd", "norm_finish")
+NORM_CASES = (("layer", True, 4096, 1), ("rms", True, 4096, 1), ("rms", False, 4096, 1), ("group", False, 4096, 32))
+NORM_C = (1152, 4096)
+NO_DOT = ("bwd_delta",) + NORM_KINDS
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block (A100, H100)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 COLUMNS = ("kernel", "target", "dtype", "block_d", "config", "regs", "spill", "smem", "tc", "time")
@@ -111,32 +123,103 @@ def compile_config(kind, dtype, block_d, cfg, arch):
                 time=round(time.perf_counter() - start, 2))
 
 
+# ---- adaptive-norm kernels -----------------------------------------------------------------
+NORM_INT_ARGS = {"R", "C", "G", "tiles_per_prog", "P"}
+NORM_FP32_PTRS = {"Mean", "Rstd", "Part", "Acc"}
+NORM_UNALIGNED = {"G", "tiles_per_prog", "P"}
+
+
+def norm_configs(kind, dtype, channels):
+    """(kernel, constexprs, num_warps, label) of `kind` for C = channels, for every case of NORM_CASES
+    (norm_finish: one, it does not depend on the case)."""
+    if kind == "norm_finish":
+        block_c, warps = an.finish_config(channels)
+        return [(an._adanorm_bwd_finish_kernel, dict(BLOCK_C=block_c, HAS_W=True, HAS_B=True), warps,
+                 f"C{block_c} w{warps}")]
+    sub = kind[len("norm_"):]
+    rows = []
+    for norm, channels_last, R, G in NORM_CASES:
+        layout = "cl" if channels_last else "cf"
+        flags = dict(CHANNELS_LAST=channels_last, HAS_W=True, HAS_B=True, HAS_TANGENT=sub == "fwd_jvp", INT64=False)
+        if norm == "group":
+            block_r, block_c, warps = an.group_config(channels // G, R, sub)
+            flags.update(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_PN=an.pnorm_block(channels))
+            fn = an._adanorm_group_bwd_kernel if sub == "bwd" else an._adanorm_group_fwd_kernel
+            label = f"group{G} {layout} {block_r}x{block_c}"
+        else:
+            block_r, block_c, single, warps = an.row_config(channels, R, DTYPES[dtype].itemsize, channels_last, sub)
+            flags.update(BLOCK_R=block_r, BLOCK_C=block_c, SINGLE=single, IS_RMS=norm == "rms")
+            fn = an._adanorm_row_bwd_kernel if sub == "bwd" else an._adanorm_row_fwd_kernel
+            label = f"{norm} {layout} {block_r}x{block_c}{'' if single else ' chunk'}"
+        rows.append((fn, flags, warps, f"{label} w{warps}"))
+    return rows
+
+
+def _norm_source(fn, dtype, flags):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", flags.get(p.name, False)
+        else:
+            if p.name == "eps":
+                signature[p.name] = "fp32"
+            elif p.name in NORM_INT_ARGS:
+                signature[p.name] = "i32"
+            else:
+                signature[p.name] = "*fp32" if p.name in NORM_FP32_PTRS else "*" + dtype
+            if p.name not in NORM_UNALIGNED and signature[p.name] != "fp32":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_norm_config(kind, dtype, channels, cfg, arch):
+    """One report row of an adaptive-norm kernel (num_stages: Triton's default, as the launchers)."""
+    fn, flags, num_warps, label = cfg
+    row = dict(kernel=kind, target=f"sm_{arch}", dtype=dtype, block_d=channels, config=label,
+               num_warps=num_warps)
+    start = time.perf_counter()
+    try:
+        k = triton.compile(_norm_source(fn, dtype, flags), target=GPUTarget("cuda", arch, 32),
+                           options=dict(num_warps=num_warps))
+        usage = _resource_usage(k.asm["cubin"])
+    except Exception as e:  # noqa: BLE001 - a failing config is a report row, not a crash
+        cause = e.__cause__ or e
+        return dict(row, error=f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]}")
+    return dict(row, regs=usage["REG"], spill=usage["STACK"] + usage["LOCAL"], smem=k.metadata.shared,
+                smem_ok=k.metadata.shared <= SHARED_LIMIT[arch], tc="-", time=round(time.perf_counter() - start, 2))
+
+
 def report(kinds=KINDS, dtypes=("fp16", "bf16"), archs=(80, 90), block_ds=(64, 128, 256),
-           defaults_only=False):
-    """Rows for every kind x arch x dtype x BLOCK_D x config (only the first config if defaults_only)."""
+           defaults_only=False, norm_cs=NORM_C):
+    """Rows for every kind x arch x dtype x BLOCK_D x config (only the first config if defaults_only);
+    norm kinds: kind x arch x dtype x C (norm_cs) x case."""
     if not isinstance(aj._attn_fwd_kernel, triton.runtime.JITFunction):  # TRITON_INTERPRET=1
-        return _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only)
+        return _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs)
     with triton.knobs.compilation.scope():
         triton.knobs.compilation.always_compile = True  # time real compiles, not cache hits
-        return [compile_config(kind, dtype, block_d, cfg, arch)
-                for kind in kinds for arch in archs for dtype in dtypes for block_d in block_ds
-                for cfg in configs(kind, block_d, dtype)[:1 if defaults_only else None]]
+        rows = [compile_config(kind, dtype, block_d, cfg, arch)
+                for kind in kinds if kind not in NORM_KINDS for arch in archs for dtype in dtypes
+                for block_d in block_ds for cfg in configs(kind, block_d, dtype)[:1 if defaults_only else None]]
+        return rows + [compile_norm_config(kind, dtype, channels, cfg, arch)
+                       for kind in kinds if kind in NORM_KINDS for arch in archs for dtype in dtypes
+                       for channels in norm_cs for cfg in norm_configs(kind, dtype, channels)]
 
 
-def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only):
+def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs=NORM_C):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, __file__, "--json", path, "--kinds", ",".join(kinds),
                "--dtypes", ",".join(dtypes), "--arch", ",".join(map(str, archs)),
-               "--block-d", ",".join(map(str, block_ds))] + ["--defaults-only"] * defaults_only
+               "--block-d", ",".join(map(str, block_ds)),
+               "--norm-c", ",".join(map(str, norm_cs))] + ["--defaults-only"] * defaults_only
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
         with open(path) as f:
             return json.load(f)
 
 
 def _cells(row):
-    cfg = f"{row['block_m']}x{row['block_n'] or '-'} w{row['num_warps']} s{row['num_stages']}"
+    cfg = row.get("config") or f"{row['block_m']}x{row['block_n'] or '-'} w{row['num_warps']} s{row['num_stages']}"
     head = [row["kernel"], row["target"], row["dtype"], str(row["block_d"]), cfg]
     if "error" in row:
         return head + ["ERROR", "", "", "", "", row["error"]]
@@ -157,14 +240,18 @@ def _csv(cast=str):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kinds", type=_csv(), default=list(KINDS))
+    ap.add_argument("--kinds", type=_csv(), default=list(KINDS + NORM_KINDS))
     ap.add_argument("--dtypes", type=_csv(), default=["fp16", "bf16"], help="of fp16, bf16, fp32")
     ap.add_argument("--arch", type=_csv(int), default=[80, 90])
     ap.add_argument("--block-d", type=_csv(int), default=[64, 128, 256])
+    ap.add_argument("--norm-c", type=_csv(int), default=list(NORM_C), help="channels C of the norm kernels")
     ap.add_argument("--defaults-only", action="store_true", help="only the first config of each list")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON instead of a table")
     args = ap.parse_args()
-    rows = report(args.kinds, args.dtypes, args.arch, args.block_d, args.defaults_only)
+    unknown = set(args.kinds) - set(KINDS + NORM_KINDS)
+    if unknown:
+        ap.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS + NORM_KINDS)}")
+    rows = report(args.kinds, args.dtypes, args.arch, args.block_d, args.defaults_only, args.norm_c)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
