@@ -41,9 +41,9 @@ def main():
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
-    print("\nop                  cpu                              cuda       route")
+    print(f"\n{'op':<22} {'cpu':<32} {'cuda':<10} route")
     for name, where in ops.items():
-        print(f"{name:<19} {where['cpu']:<32} {where['cuda']:<10} {where['route']}")
+        print(f"{name:<22} {where['cpu']:<32} {where['cuda']:<10} {where['route']}")
 
 
 if __name__ == "__main__":
