@@ -1,9 +1,166 @@
-"""Modules built on scm_fast's fused ops."""
+"""Modules built on scm_fast's fused ops, and layers whose tangents carry no autograd graph.
+
+Under torch.func.jvp with parameters that require grad, PyTorch's forward-AD formulas record the
+tangent's computation for backward too (e.g. tx @ W^T saves tx for dW), although sCM's tangent is
+a stop-gradient. In the one-pass step that roughly doubles the activations kept for backward.
+Linear, GELU, SiLU and RMSNorm here compute their tangent from detached tensors instead (exact
+values, no graph), as the fused attention and norm kernels do. Their primal output and backward
+are PyTorch's.
+"""
 import torch
+import torch.nn.functional as F
 
 from scm_fast.ops.adaptive_norm import adaptive_double_norm, adaptive_double_norm_ref
 
-__all__ = ["AdaptiveDoubleNorm"]
+__all__ = ["GELU", "AdaptiveDoubleNorm", "Linear", "RMSNorm", "SiLU"]
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.save_for_forward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        if g is None:
+            return None, None, None
+        gx = g @ weight if ctx.needs_input_grad[0] else None
+        gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb):
+        x, weight = ctx.saved_tensors
+        with torch.no_grad():  # d(x W^T + b) = tx W^T + x tW^T + tb, no graph
+            out = None if tx is None else F.linear(tx, weight.detach())
+            if tw is not None:
+                out = F.linear(x.detach(), tw) if out is None else out + F.linear(x.detach(), tw)
+            if tb is not None:
+                out = tb.expand(*x.shape[:-1], tb.shape[-1]).clone() if out is None else out + tb
+        return out
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear whose forward-AD tangent carries no autograd graph (module docstring)."""
+
+    def forward(self, x):
+        return _LinearFn.apply(x, self.weight, self.bias)
+
+
+class _ActivationFn(torch.autograd.Function):
+    """y = act(x) with dy = act'(x) dx; act'(x) is recomputed in backward and in jvp."""
+
+    @staticmethod
+    def forward(x, kind):
+        return F.gelu(x, approximate="tanh") if kind == "gelu" else F.silu(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+        ctx.kind = inputs[1]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def derivative(x, kind):
+        if kind == "silu":
+            s = torch.sigmoid(x)
+            return s * (1 + x * (1 - s))
+        k = 0.7978845608028654  # sqrt(2 / pi); gelu_tanh = x / 2 (1 + tanh(k (x + 0.044715 x^3)))
+        inner = k * (x + 0.044715 * x ** 3)
+        th = torch.tanh(inner)
+        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * k * (1 + 3 * 0.044715 * x * x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (None if g is None else g * _ActivationFn.derivative(x, ctx.kind)), None
+
+    @staticmethod
+    def jvp(ctx, tx, _):
+        (x,) = ctx.saved_tensors
+        if tx is None:
+            return None
+        with torch.no_grad():
+            return tx * _ActivationFn.derivative(x.detach(), ctx.kind)
+
+
+class GELU(torch.nn.Module):
+    """GELU (tanh approximation) whose tangent carries no autograd graph."""
+
+    def forward(self, x):
+        return _ActivationFn.apply(x, "gelu")
+
+
+class SiLU(torch.nn.Module):
+    """SiLU whose tangent carries no autograd graph."""
+
+    def forward(self, x):
+        return _ActivationFn.apply(x, "silu")
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = w x rstd, rstd = 1 / sqrt(mean(x^2) + eps) over the last dim; tangent (no graph)
+    t_y = w rstd (tx - xhat mean(xhat tx)) + tw xhat."""
+
+    @staticmethod
+    def forward(x, weight, eps):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, eps = inputs
+        ctx.save_for_forward(x, weight)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        if g is None:
+            return None, None, None
+        with torch.enable_grad():
+            xd, wd = x.detach().requires_grad_(), weight.detach().requires_grad_()
+            y = F.rms_norm(xd, (x.shape[-1],), wd, ctx.eps)
+            gx, gw = torch.autograd.grad(y, (xd, wd), g)
+        return gx, gw, None
+
+    @staticmethod
+    def jvp(ctx, tx, tw, _):
+        x, weight = ctx.saved_tensors
+        with torch.no_grad():
+            x = x.detach()
+            rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + ctx.eps)
+            xhat = x * rstd
+            out = None
+            if tx is not None:
+                out = weight.detach() * rstd * (tx - xhat * (xhat * tx).mean(-1, keepdim=True))
+            if tw is not None:
+                out = xhat * tw if out is None else out + xhat * tw
+        return out
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm over the last dim with a weight, whose tangent carries no autograd graph."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 class AdaptiveDoubleNorm(torch.nn.Module):
@@ -28,7 +185,7 @@ class AdaptiveDoubleNorm(torch.nn.Module):
                 num_groups -= 1
         self.channels, self.norm, self.num_groups, self.eps = channels, norm, num_groups, eps
         self.channels_last = channels_last
-        self.emb = torch.nn.Linear(emb_dim, 2 * channels)  # -> (scale, shift)
+        self.emb = Linear(emb_dim, 2 * channels)  # -> (scale, shift)
         self.weight = torch.nn.Parameter(torch.ones(channels)) if affine else None
         self.bias = torch.nn.Parameter(torch.zeros(channels)) if affine and norm != "rms" else None
 

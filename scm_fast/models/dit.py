@@ -1,7 +1,9 @@
 """A DiT-style transformer for sCM (scm-reference.md §5): F_theta(x_in, t, labels, guidance, r).
 
 Patchify -> blocks [adaptive double norm -> attention (QK RMS-norm, scm_fast's fused op) ->
-adaptive double norm -> MLP] -> adaptive double norm -> linear -> unpatchify. The conditioning
+adaptive double norm -> MLP] -> adaptive double norm -> linear -> unpatchify. Every layer computes
+its forward-AD tangent without an autograd graph (scm_fast.nn), so the one-pass step keeps only
+the primal's activations for backward. The conditioning
 embedding is emb = time(t) + class(labels) + guidance(s) + time(r): each a positional (sinusoidal)
 embedding with c_noise(t) = t and an MLP, computed in fp32 whatever the autocast state [rCM]. Output
 projections start at zero, so every block starts as the identity and F starts at 0.
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scm_fast.nn import AdaptiveDoubleNorm
+from scm_fast.nn import GELU, AdaptiveDoubleNorm, Linear, RMSNorm, SiLU
 from scm_fast.ops import attention
 
 
@@ -64,7 +66,7 @@ class ScalarEmbedding(torch.nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(freq_dim, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
+        self.mlp = torch.nn.Sequential(Linear(freq_dim, dim), SiLU(), Linear(dim, dim))
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
@@ -93,10 +95,10 @@ class Attention(torch.nn.Module):
         if dim % heads:
             raise ValueError(f"hidden ({dim}) must be a multiple of heads ({heads})")
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-        self.q_norm = torch.nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else torch.nn.Identity()
-        self.k_norm = torch.nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else torch.nn.Identity()
-        self.proj = torch.nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else torch.nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else torch.nn.Identity()
+        self.proj = Linear(dim, dim)
 
     def forward(self, x):
         B, L, C = x.shape
@@ -113,8 +115,7 @@ class Block(torch.nn.Module):
         self.attn = Attention(dim, heads, qk_norm)
         self.norm2 = AdaptiveDoubleNorm(dim, dim, norm="layer")
         hidden = int(dim * mlp_ratio)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(approximate="tanh"),
-                                       torch.nn.Linear(hidden, dim))
+        self.mlp = torch.nn.Sequential(Linear(dim, hidden), GELU(), Linear(hidden, dim))
 
     def forward(self, x, emb):
         x = x + self.attn(self.norm1(x, emb))
@@ -131,7 +132,7 @@ class DiT(torch.nn.Module):
         self.cfg = cfg
         D, p = cfg.hidden, cfg.patch
         self.grid = cfg.img_size // p
-        self.patchify = torch.nn.Linear(cfg.in_channels * p * p, D)
+        self.patchify = Linear(cfg.in_channels * p * p, D)
         self.register_buffer("pos", sincos_2d(self.grid, D), persistent=False)
         self.time = ScalarEmbedding(D)
         self.label = torch.nn.Embedding(cfg.num_classes + 1, D) if cfg.num_classes else None
@@ -139,7 +140,7 @@ class DiT(torch.nn.Module):
         self.time_r = ScalarEmbedding(D) if cfg.second_time else None
         self.blocks = torch.nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.norm_out = AdaptiveDoubleNorm(D, D, norm="layer")
-        self.out = torch.nn.Linear(D, cfg.in_channels * p * p)
+        self.out = Linear(D, cfg.in_channels * p * p)
         for block in self.blocks:  # each block starts as the identity
             for layer in (block.attn.proj, block.mlp[2]):
                 torch.nn.init.zeros_(layer.weight)
