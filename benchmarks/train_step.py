@@ -9,8 +9,11 @@ Methods (all run scm_fast.objectives.scm_loss on the same model, data and seed):
   two_mixed   (b) two passes on PyTorch's ops, MATH in the JVP pass only, SDPA's default backend in
               the grad pass
 The baselines also use PyTorch's composition for the adaptive double norm (no fused kernel).
-Each method runs in a fresh subprocess: build the model, one warm-up step, then REPS timed steps;
-memory is the peak RSS above the state after the warm-up (CPU; on CUDA max_memory_allocated).
+Each method runs in a fresh subprocess: build the model, one warm-up step, REPS timed steps, then
+one step for memory: the peak of live allocated bytes during the timed steps above those live before them
+(on CUDA max_memory_allocated; on CPU glibc's mallinfo2 in-use bytes, heap + mmapped, sampled
+every 2 ms by a thread). Peak RSS is not used: what the heap keeps from earlier steps moved the
+baselines' RSS figure by 3x between runs.
 Before timing, the first step's loss of each method is compared with the fused one (same seed).
 
 Run:  python benchmarks/train_step.py           DiT 1024 tokens (64x64x4, patch 2), hidden 384,
@@ -20,13 +23,14 @@ Writes OUT/train_step.json.
 """
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -62,9 +66,40 @@ def parse_args(argv=None):
     return args
 
 
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def malloc_in_use():
+    """Bytes malloc has handed out and not taken back (heap in use + mmapped chunks), glibc >= 2.33."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakSampler:
+    """Samples malloc_in_use() every `period` s in a thread; .peak is the largest value seen."""
+
+    def __init__(self, period=0.002):
+        self.period, self.peak, self._stop = period, malloc_in_use(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, malloc_in_use())
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, malloc_in_use())
 
 
 def model_F(method, model):
@@ -110,20 +145,17 @@ def worker(spec):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = rss_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        base = malloc_in_use()
     times = []
-    for i in range(spec["reps"]):
+    for i in range(spec["reps"]):  # timed steps, without the memory sampler (it takes malloc's lock)
         start = time.perf_counter()
         step(i + 1)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if device == "cuda":
-        extra = torch.cuda.max_memory_allocated() - base
-    else:
-        extra = (rss_kib("VmHWM") - base) * 1024
+    with PeakSampler() if device == "cpu" else contextlib.nullcontext() as sampler:  # one more step for memory
+        step(spec["reps"] + 1)
+    extra = torch.cuda.max_memory_allocated() - base if device == "cuda" else sampler.peak - base
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"time_s": statistics.median(times), "times": times, "extra_bytes": extra,
                       "first_loss": first_loss, "params": params}))

@@ -4,8 +4,9 @@ Under torch.func.jvp with parameters that require grad, PyTorch's forward-AD for
 tangent's computation for backward too (e.g. tx @ W^T saves tx for dW), although sCM's tangent is
 a stop-gradient. In the one-pass step that roughly doubles the activations kept for backward.
 Linear, GELU, SiLU and RMSNorm here compute their tangent from detached tensors instead (exact
-values, no graph), as the fused attention and norm kernels do. Their primal output and backward
-are PyTorch's.
+values, no graph), as the fused attention and norm kernels do, and save detached tensors for
+backward (autograd keeps the tangent of a saved dual tensor alive until backward). Their primal
+output and gradients are PyTorch's.
 """
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias = inputs
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x.detach(), weight.detach())  # detached: a saved dual would keep its tangent
         ctx.save_for_forward(x, weight)
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
@@ -51,14 +52,19 @@ class _LinearFn(torch.autograd.Function):
 
 
 class Linear(torch.nn.Linear):
-    """torch.nn.Linear whose forward-AD tangent carries no autograd graph (module docstring)."""
+    """torch.nn.Linear whose forward-AD tangent carries no autograd graph (module docstring).
+    impl = "torch" runs PyTorch's own (as do GELU, SiLU, RMSNorm and AdaptiveDoubleNorm)."""
+
+    impl = "fused"
 
     def forward(self, x):
+        if self.impl == "torch":
+            return F.linear(x, self.weight, self.bias)
         return _LinearFn.apply(x, self.weight, self.bias)
 
 
 class _ActivationFn(torch.autograd.Function):
-    """y = act(x) with dy = act'(x) dx; act'(x) is recomputed in backward and in jvp."""
+    """y = act(x) with dy = act'(x) dx (PyTorch's fused backward kernel, in backward and in jvp)."""
 
     @staticmethod
     def forward(x, kind):
@@ -66,25 +72,22 @@ class _ActivationFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
+        ctx.save_for_backward(inputs[0].detach())
         ctx.save_for_forward(inputs[0])
         ctx.kind = inputs[1]
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def derivative(x, kind):
-        if kind == "silu":
-            s = torch.sigmoid(x)
-            return s * (1 + x * (1 - s))
-        k = 0.7978845608028654  # sqrt(2 / pi); gelu_tanh = x / 2 (1 + tanh(k (x + 0.044715 x^3)))
-        inner = k * (x + 0.044715 * x ** 3)
-        th = torch.tanh(inner)
-        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * k * (1 + 3 * 0.044715 * x * x)
+    def times_derivative(g, x, kind):
+        """g * act'(x) with PyTorch's fused backward kernels."""
+        if kind == "gelu":
+            return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+        return torch.ops.aten.silu_backward(g, x)
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return (None if g is None else g * _ActivationFn.derivative(x, ctx.kind)), None
+        return (None if g is None else _ActivationFn.times_derivative(g, x, ctx.kind)), None
 
     @staticmethod
     def jvp(ctx, tx, _):
@@ -92,21 +95,25 @@ class _ActivationFn(torch.autograd.Function):
         if tx is None:
             return None
         with torch.no_grad():
-            return tx * _ActivationFn.derivative(x.detach(), ctx.kind)
+            return _ActivationFn.times_derivative(tx, x.detach(), ctx.kind)
 
 
 class GELU(torch.nn.Module):
     """GELU (tanh approximation) whose tangent carries no autograd graph."""
 
+    impl = "fused"
+
     def forward(self, x):
-        return _ActivationFn.apply(x, "gelu")
+        return F.gelu(x, approximate="tanh") if self.impl == "torch" else _ActivationFn.apply(x, "gelu")
 
 
 class SiLU(torch.nn.Module):
     """SiLU whose tangent carries no autograd graph."""
 
+    impl = "fused"
+
     def forward(self, x):
-        return _ActivationFn.apply(x, "silu")
+        return F.silu(x) if self.impl == "torch" else _ActivationFn.apply(x, "silu")
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -123,7 +130,7 @@ class _RMSNormFn(torch.autograd.Function):
         ctx.save_for_forward(x, weight)
         ctx.eps = eps
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x.detach(), weight.detach())
 
     @staticmethod
     def backward(ctx, g):
@@ -154,12 +161,16 @@ class _RMSNormFn(torch.autograd.Function):
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dim with a weight, whose tangent carries no autograd graph."""
 
+    impl = "fused"
+
     def __init__(self, dim, eps=1e-6):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if self.impl == "torch":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 

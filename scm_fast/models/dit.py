@@ -179,11 +179,12 @@ class DiT(torch.nn.Module):
 
 
 def use_pytorch_ops(model, enable=True):
-    """Swap every fused op of `model` for PyTorch's (SDPA and the norm's composition), or back."""
+    """Swap every scm_fast op and layer of `model` for PyTorch's own (SDPA, the norm's composition,
+    nn.functional's linear / gelu / silu / rms_norm), or back."""
     for m in model.modules():
         if isinstance(m, Attention):
             m.impl = "sdpa" if enable else "fused"
-        elif isinstance(m, AdaptiveDoubleNorm):
+        elif isinstance(m, (AdaptiveDoubleNorm, Linear, GELU, SiLU, RMSNorm)):
             m.impl = "torch" if enable else "fused"
     return model
 

@@ -154,7 +154,7 @@ class _AdaptiveNorm(torch.autograd.Function):
         x, scale, shift, weight, bias, config = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, scale, shift, weight, bias, mean, rstd)
+        ctx.save_for_backward(*(None if t is None else t.detach() for t in (x, scale, shift, weight, bias, mean, rstd)))
         ctx.save_for_forward(x, scale, shift, weight, bias, mean, rstd)
         ctx.config = config
 
@@ -186,7 +186,7 @@ class _AdaptiveNormFused(torch.autograd.Function):
         x, scale, shift, _, _, _, weight, bias, config, tangents_of_inputs = inputs
         _, mean, rstd, ty = output
         ctx.mark_non_differentiable(mean, rstd, ty)
-        ctx.save_for_backward(x, scale, shift, weight, bias, mean, rstd)
+        ctx.save_for_backward(*(None if t is None else t.detach() for t in (x, scale, shift, weight, bias, mean, rstd)))
         ctx.save_for_forward(ty) if tangents_of_inputs else ctx.save_for_forward(x, scale, shift, weight, bias)
         ctx.config, ctx.fused = config, tangents_of_inputs
         ctx.set_materialize_grads(False)  # no zero tangents for tx, tscale, tshift (a full x-sized fill)

@@ -161,7 +161,7 @@ class _Attention(torch.autograd.Function):
         q, k, v, mask, causal, scale = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
         ctx.save_for_forward(q, k, v)
         ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
 
@@ -192,7 +192,7 @@ class _AttentionFused(torch.autograd.Function):
         q, k, v, _, _, _, mask, causal, scale, tangents_of_inputs = inputs
         o, lse, to = output
         ctx.mark_non_differentiable(lse, to)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
         if tangents_of_inputs:
             ctx.save_for_forward(to)
         else:
