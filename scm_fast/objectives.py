@@ -63,10 +63,15 @@ def weighted_loss(err_sq, logvar):
 
 
 # ---- teachers: TrigFlow diffusion ------------------------------------------------------------
-def diffusion_loss(F, x0, cond=None, logvar=None, *, sigma_d=0.5, P_mean=-0.8, P_std=1.6, generator=None):
+def diffusion_loss(F, x0, cond=None, logvar=None, *, sigma_d=0.5, P_mean=-0.8, P_std=1.6, label_dropout=0.0,
+                   generator=None):
     """E[ w(t) || sigma_d F - v_t ||^2 ] / sigma_d^2 with adaptive weighting: the network predicts
-    v_t / sigma_d. Returns (loss, t). Label dropout for CFG is the caller's (the trainer drops labels)."""
-    cond = cond or {}
+    v_t / sigma_d. label_dropout: the fraction of cond["labels"] replaced by -1 (the null class) so
+    that the teacher learns the unconditional F for classifier-free guidance. Returns (loss, t)."""
+    cond = dict(cond or {})
+    if label_dropout > 0 and "labels" in cond:
+        drop = torch.rand(cond["labels"].shape, generator=generator, device=x0.device) < label_dropout
+        cond["labels"] = torch.where(drop, torch.full_like(cond["labels"], -1), cond["labels"])
     dtype = _loss_dtype(x0)
     x0 = x0.to(dtype)
     B = x0.shape[0]

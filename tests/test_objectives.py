@@ -165,3 +165,17 @@ def test_meanflow_loss_trains():
         opt.step()
         errors.append(stats["err"].mean().item())
     assert sum(errors[-50:]) / 50 < 0.8 * sum(errors[:5]) / 5, (errors[:3], errors[-3:])
+
+
+def test_label_dropout_replaces_the_given_fraction_with_the_null_class():
+    seen = []
+
+    def F(x_in, t, labels):
+        seen.append(labels)
+        return torch.zeros_like(x_in)
+
+    labels = torch.arange(4000) % 3
+    objectives.diffusion_loss(F, gmm.sample(4000), {"labels": labels}, label_dropout=0.1,
+                              generator=torch.Generator().manual_seed(0))
+    frac = (seen[0] == -1).float().mean().item()
+    assert 0.08 < frac < 0.12 and torch.equal(seen[0][seen[0] >= 0], labels[seen[0] >= 0])
