@@ -34,7 +34,8 @@ class SCMConfig:
     rearranged_jvp: bool = True           # False: the naive tangent (dxdt / sigma_d, 1), overflows in fp16
     prior_weighting: bool = False         # extra 1 / (sigma_d tan t) on the loss (some codebases; not the paper)
     one_pass: bool = True                 # False: no-grad JVP pass, then a forward with grad
-    guidance_min: float = 1.0             # sCD: teacher CFG scale s ~ U[guidance_min, guidance_max]
+    guidance_input: bool = False          # sCD: draw s ~ U[guidance_min, guidance_max] per sample, pass it
+    guidance_min: float = 1.0             #   to the teacher (its CFG scale) and to the student (an input)
     guidance_max: float = 2.0
 
     def __post_init__(self):
@@ -107,7 +108,9 @@ def normalize_tangent(g, kind, c):
 
 
 def scm_loss(F, x0, step, cfg, cond=None, logvar=None, teacher=None, generator=None):
-    """sCT (teacher None) or sCD (teacher: F_teacher(x_in, t, **cond), already with CFG applied).
+    """sCT (teacher None) or sCD (teacher: F_teacher(x_in, t, **cond), e.g. trigflow.cfg(F, s)).
+    With cfg.guidance_input, s ~ U[guidance_min, guidance_max] is drawn per sample and passed as
+    `guidance=s` to the teacher (trigflow.cfg(F) reads it) and to the student.
 
     Returns (loss, stats) with stats t (B,), the per-sample squared error, ||g|| before normalization
     and the number of non-finite tangent entries (for the fp16 ablation)."""
@@ -119,6 +122,9 @@ def scm_loss(F, x0, step, cfg, cond=None, logvar=None, teacher=None, generator=N
     t = trigflow.sample_time(B, cfg.P_mean, cfg.P_std, sd, generator, x0.device).to(dtype)
     z = sd * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype)
     x_t = trigflow.noisy(x0, z, t)
+    if cfg.guidance_input:
+        u = torch.rand(B, generator=generator, device=x0.device, dtype=dtype)
+        cond = {**cond, "guidance": cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * u}
     if teacher is None:
         dxdt = trigflow.target_velocity(x0, z, t)
     else:

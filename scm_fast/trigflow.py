@@ -80,14 +80,17 @@ def from_flow_matching(velocity, sigma_d=SIGMA_D):
 
 
 # ---- samplers --------------------------------------------------------------------------------
-def cfg(F, guidance, cond_key="labels", null=None):
-    """Classifier-free guidance F_u + s (F_c - F_u); F_u is F with cond[cond_key] = null."""
-    def F_cfg(x_in, t, **cond):
+def cfg(F, guidance=None, cond_key="labels", null=None):
+    """Classifier-free guidance F_u + s (F_c - F_u); F_u is F with cond[cond_key] = null (-1 by
+    default). s is `guidance` (a float), or, when that is None, the `guidance` keyword of each call
+    (a float or a (B,) tensor: sCD draws one scale per sample)."""
+    def F_cfg(x_in, t, guidance=guidance, **cond):
         F_c = F(x_in, t, **cond)
-        if guidance == 1.0:
+        if isinstance(guidance, (int, float)) and guidance == 1.0:
             return F_c
         F_u = F(x_in, t, **{**cond, cond_key: null if null is not None else torch.full_like(cond[cond_key], -1)})
-        return F_u + guidance * (F_c - F_u)
+        s = bcast(guidance, F_c) if isinstance(guidance, torch.Tensor) else guidance
+        return F_u + s * (F_c - F_u)
     return F_cfg
 
 

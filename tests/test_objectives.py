@@ -179,3 +179,25 @@ def test_label_dropout_replaces_the_given_fraction_with_the_null_class():
                               generator=torch.Generator().manual_seed(0))
     frac = (seen[0] == -1).float().mean().item()
     assert 0.08 < frac < 0.12 and torch.equal(seen[0][seen[0] >= 0], labels[seen[0] >= 0])
+
+
+def test_scd_draws_one_guidance_scale_per_sample_for_teacher_and_student():
+    """guidance_input: s ~ U[1, 2] reaches the CFG teacher (F_u + s (F_c - F_u)) and the student."""
+    seen = {}
+
+    def teacher_net(x_in, t, labels):
+        return torch.where(labels[:, None] < 0, torch.zeros_like(x_in), torch.ones_like(x_in))  # F_u = 0, F_c = 1
+
+    def student(x_in, t, labels, guidance):
+        seen["student"] = guidance
+        return x_in * 0.1
+
+    teacher = trigflow.cfg(teacher_net)
+    cfg = objectives.SCMConfig(sigma_d=gmm.SIGMA_D, guidance_input=True)
+    labels = torch.tensor([0, 1, 2, 0])
+    objectives.scm_loss(student, gmm.sample(4), 10, cfg, cond={"labels": labels},
+                        teacher=lambda x, t, **c: seen.setdefault("teacher", teacher(x, t, **c)),
+                        generator=torch.Generator().manual_seed(0))
+    s = seen["student"]
+    assert s.shape == (4,) and ((s >= 1) & (s <= 2)).all() and s.unique().numel() == 4
+    torch.testing.assert_close(seen["teacher"], s[:, None].expand(4, 2))  # F_u + s (F_c - F_u) = s
