@@ -1,0 +1,476 @@
+"""Datasets and a deterministic sharded sampler for sCM training.
+
+Conventions: a batch is x float32 (b, C, H, W) in [-1, 1] (pixel data; its std is about sigma_d = 0.5)
+or normalized latents with per-channel std sigma_d, and labels int64 (b,) in [0, num_classes), or None
+for unlabeled data (num_classes == 0). Every dataset has len(ds), ds.shape == (C, H, W),
+ds.num_classes, ds.get_batch(indices) -> (x, labels) and ds.describe() (one line).
+
+`build_dataset(spec)` maps the trainer's --data value to a dataset; `ShardedSampler` cuts one global,
+seeded stream of epoch permutations into per-rank batches that resume exactly from a state_dict.
+"""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scm_fast import images as _images
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CACHE_BYTES = 2 << 30  # ImageFolder keeps decoded uint8 images up to this many bytes in memory
+DATA_HINT = "expected 'digits', an image folder, a .npy/.npz file or latents:PATH"
+
+
+# ----------------------------------------------------------------------------- common API
+
+class _Dataset:
+    """Shared part of the datasets: len, shape (C, H, W), num_classes, describe, index checks."""
+
+    kind = "dataset"
+
+    def __len__(self):
+        """Number of images N."""
+        return self._n
+
+    @property
+    def shape(self):
+        """(C, H, W) of one image."""
+        return self._shape
+
+    @property
+    def num_classes(self):
+        """Number of classes; 0 for unlabeled data."""
+        return self._num_classes
+
+    def describe(self):
+        """One line: kind, N, shape (C, H, W) and classes."""
+        classes = f"{self.num_classes} classes" if self.num_classes else "unlabeled"
+        return f"{self.kind}: {len(self)} images of shape {tuple(self.shape)}, {classes}"
+
+    def _check_indices(self, indices):
+        """indices: integer tensor (b,) with values in [0, N) -> int64 CPU tensor (b,)."""
+        idx = torch.as_tensor(indices)
+        if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"get_batch: indices must be an integer tensor of shape (b,), "
+                             f"got {idx.dtype} of shape {tuple(idx.shape)}")
+        idx = idx.to(device="cpu", dtype=torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise ValueError(f"get_batch: indices must lie in [0, {len(self)}), "
+                             f"got values in [{int(idx.min())}, {int(idx.max())}]")
+        return idx
+
+
+def _check_labels(labels, n, num_classes, where):
+    """labels: integer array/tensor (N,) -> (int64 tensor, num_classes); None -> (None, 0)."""
+    if labels is None:
+        if num_classes:
+            raise ValueError(f"{where}: num_classes={num_classes} given but there are no labels")
+        return None, 0
+    lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    if lab.is_floating_point() or lab.dtype == torch.bool or lab.dim() != 1 or lab.shape[0] != n:
+        raise ValueError(f"{where}: labels must be integers of shape ({n},), "
+                         f"got {lab.dtype} of shape {tuple(lab.shape)}")
+    lab = lab.to(torch.int64)
+    k = int(lab.max()) + 1 if num_classes is None else int(num_classes)
+    if n and (int(lab.min()) < 0 or int(lab.max()) >= k):
+        raise ValueError(f"{where}: labels must lie in [0, num_classes={k}), "
+                         f"got values in [{int(lab.min())}, {int(lab.max())}]")
+    return lab, k
+
+
+# ----------------------------------------------------------------------------- in-memory arrays
+
+class ArrayData(_Dataset):
+    """In-memory images float (N, C, H, W) with optional int labels (N,).
+
+    num_classes defaults to max(label) + 1 (0 when unlabeled). `kind` names the data in describe().
+    """
+
+    def __init__(self, images, labels=None, num_classes=None, *, kind="arrays"):
+        """images float (N, C, H, W), stored as float32; labels integer (N,) or None."""
+        x = torch.as_tensor(images)
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"ArrayData: images must be a float tensor (N, C, H, W), "
+                             f"got {x.dtype} of shape {tuple(x.shape)}")
+        if x.shape[0] < 1:
+            raise ValueError(f"ArrayData: images must hold at least one image, got shape {tuple(x.shape)}")
+        self.images = x.to(torch.float32).contiguous()
+        self.labels, self._num_classes = _check_labels(labels, x.shape[0], num_classes, "ArrayData")
+        self._n, self._shape, self.kind = x.shape[0], tuple(x.shape[1:]), kind
+
+    def get_batch(self, indices):
+        """indices LongTensor (b,) -> (x float32 (b, C, H, W), labels int64 (b,) or None)."""
+        idx = self._check_indices(indices)
+        return self.images[idx], (None if self.labels is None else self.labels[idx])
+
+
+def _resize(x, size):
+    """Bilinear, antialiased resize of float (N, C, H, W) to (N, C, size, size)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def digits(img_size=8):
+    """scikit-learn's 8x8 handwritten digits (bundled, no download): (1797, 1, 8, 8), labels 0..9.
+
+    Pixel values 0..16 map to x / 8 - 1 in [-1, 1]; img_size != 8 resizes (bilinear, antialias).
+    """
+    from sklearn.datasets import load_digits
+
+    if not isinstance(img_size, int) or img_size < 1:
+        raise ValueError(f"digits: img_size must be a positive int, got {img_size!r}")
+    d = load_digits()
+    x = torch.from_numpy(d.images).to(torch.float32).unsqueeze(1) / 8.0 - 1.0  # (1797, 1, 8, 8)
+    x = _resize(x, img_size).clamp(-1.0, 1.0)
+    return ArrayData(x, torch.from_numpy(d.target), num_classes=10, kind="digits")
+
+
+# ----------------------------------------------------------------------------- .npy / .npz files
+
+def _load_file(path, keys, what):
+    """.npy -> (array, {}); .npz -> (the array under the first of `keys`, the whole archive as a dict)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return np.load(path, allow_pickle=False), {}
+    with np.load(path, allow_pickle=False) as z:
+        files = {k: z[k] for k in z.files}
+    key = next((k for k in keys if k in files), None)
+    if key is None:
+        raise ValueError(f"{path}: no {what} in the archive (expected a key among {list(keys)}, "
+                         f"found {sorted(files)})")
+    return files[key], files
+
+
+def _labels_from(files):
+    """Labels from an npz dict under 'labels' or 'y', else None."""
+    return next((files[k] for k in ("labels", "y") if k in files), None)
+
+
+def _to_nchw(a, path):
+    """uint8/float array (N, H, W), (N, C, H, W) or (N, H, W, C) -> (N, C, H, W).
+
+    NHWC is recognised by a last dim of 1, 3 or 4 while dim 1 is not.
+    """
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4:
+        raise ValueError(f"{path}: images must be (N, C, H, W) or (N, H, W, C), got shape {a.shape}")
+    if a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
+        a = a.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(a)
+
+
+def _pixels_to_float(a, path):
+    """uint8 -> x / 127.5 - 1; float arrays are taken as [-1, 1] (|x| <= 1.5 is checked)."""
+    if a.dtype == np.uint8:
+        return torch.from_numpy(a).to(torch.float32) / 127.5 - 1.0
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{path}: images must be uint8 in [0, 255] or float in [-1, 1], got dtype {a.dtype}")
+    peak = float(np.abs(a).max()) if a.size else 0.0
+    if not math.isfinite(peak) or peak > 1.5:
+        raise ValueError(f"{path}: float images must be in [-1, 1], got absolute max {peak:g} "
+                         f"(store uint8 in [0, 255] for pixel values)")
+    return torch.from_numpy(a).to(torch.float32)
+
+
+def load_arrays(path):
+    """Images from .npy (images only) or .npz ('images' / 'x' / 'arr_0', labels 'labels' / 'y').
+
+    Returns ArrayData with float32 (N, C, H, W) in [-1, 1]; num_classes = max label + 1.
+    """
+    a, files = _load_file(path, ("images", "x", "arr_0"), "images")
+    if a.size == 0:
+        raise ValueError(f"{path}: holds no images (shape {a.shape})")
+    x = _pixels_to_float(_to_nchw(a, path), path)
+    labels = _labels_from(files)
+    if labels is not None and labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]  # (N, 1) -> (N,)
+    return ArrayData(x, labels, kind=f"arrays({Path(path).name})")
+
+
+# ----------------------------------------------------------------------------- latents
+
+def _channel_stat(value, c, name, path):
+    """A per-channel statistic (scalar or C values) -> float64 tensor (C,)."""
+    t = torch.as_tensor(np.asarray(value, dtype=np.float64)).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(c).clone()
+    if t.numel() != c:
+        raise ValueError(f"LatentData({path}): {name} must have one value per channel ({c}), got {t.numel()}")
+    return t
+
+
+class LatentData(ArrayData):
+    """Precomputed latents (N, C, H, W), normalized per channel as in EDM2 / sCM:
+
+        x = (latent - mean_c) / std_c * sigma_d
+
+    mean/std come from the arguments, else the npz keys 'mean' / 'std', else the data (over N, H, W).
+    Latents live under 'latents', 'x' or 'arr_0' (or are the .npy); labels under 'labels' / 'y'.
+    `denormalize(x)` maps model outputs back to latent space; ds.mean, ds.std are float32 (C,).
+    """
+
+    def __init__(self, path, mean=None, std=None, sigma_d=0.5):
+        """path: .npy / .npz of float latents (N, C, H, W); mean, std: scalar or (C,) or None."""
+        a, files = _load_file(path, ("latents", "x", "arr_0"), "latents")
+        if a.ndim != 4 or not np.issubdtype(a.dtype, np.floating) or a.shape[0] < 1:
+            raise ValueError(f"LatentData({path}): latents must be float (N, C, H, W) with N >= 1, "
+                             f"got {a.dtype} of shape {a.shape}")
+        lat = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
+        c = lat.shape[1]
+        m = _channel_stat(files.get("mean", lat.mean(dim=(0, 2, 3))) if mean is None else mean, c, "mean", path)
+        s = _channel_stat(files.get("std", lat.std(dim=(0, 2, 3), correction=0)) if std is None else std,
+                          c, "std", path)
+        if not bool((s > 0).all()):
+            raise ValueError(f"LatentData({path}): std must be > 0 in every channel, got {s.tolist()}")
+        self.sigma_d = float(sigma_d)
+        self.mean, self.std = m.to(torch.float32), s.to(torch.float32)
+        x = (lat - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1) * self.sigma_d
+        super().__init__(x, _labels_from(files), kind=f"latents({Path(path).name})")
+
+    def denormalize(self, x):
+        """Normalized x (..., C, H, W) -> latents: x / sigma_d * std_c + mean_c."""
+        view = (-1, 1, 1)
+        m, s = (t.to(device=x.device, dtype=x.dtype).view(view) for t in (self.mean, self.std))
+        return x / self.sigma_d * s + m
+
+
+# ----------------------------------------------------------------------------- image folders
+
+def _list_images(root):
+    """All .png / .jpg / .jpeg files under root (recursive, case-insensitive), sorted by path."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _classes_of(root, files):
+    """(class_names, labels or None): one class per immediate subdirectory holding images."""
+    tops = [p.relative_to(root).parts for p in files]
+    direct = [p for p, t in zip(files, tops) if len(t) == 1]
+    if len(direct) == len(files):
+        return [], None
+    if direct:
+        raise ValueError(f"ImageFolder: {root} mixes images directly in it ({direct[0].name}, ...) with "
+                         f"class subfolders; put every image in a class subfolder, or none")
+    names = sorted({t[0] for t in tops})
+    index = {n: i for i, n in enumerate(names)}
+    return names, [index[t[0]] for t in tops]
+
+
+def _common_size(root, files, infos):
+    """The (H, W) all images share; raises naming two files that differ."""
+    sizes = {}
+    for p, (h, w, _) in zip(files, infos):
+        sizes.setdefault((h, w), p)
+    if len(sizes) > 1:
+        (s0, p0), (s1, p1) = list(sizes.items())[:2]
+        raise ValueError(f"ImageFolder: images under {root} have different sizes ({p0.name} is {s0[0]}x{s0[1]}, "
+                         f"{p1.name} is {s1[0]}x{s1[1]}); pass img_size to center-crop and resize them")
+    return next(iter(sizes))
+
+
+def _center_crop(x):
+    """Center-crop float (1, C, H, W) to a square of side min(H, W)."""
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return x[..., top:top + s, left:left + s]
+
+
+def _match_channels(a, channels):
+    """uint8 (H, W, c) -> (H, W, channels): gray repeated to 3, colour to luma (ITU-R 601) for 1."""
+    if a.shape[2] == channels:
+        return a
+    if channels == 3:
+        return np.repeat(a, 3, axis=2)
+    luma = a.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.clip(np.rint(luma), 0, 255).astype(np.uint8)[:, :, None]
+
+
+class ImageFolder(_Dataset):
+    """Image files (.png / .jpg / .jpeg, recursive, sorted) under `root`, decoded lazily.
+
+    Immediate subdirectories of root that hold images are the classes (sorted names -> 0..K-1,
+    ds.class_names); images directly in root with no subfolders are unlabeled. Without img_size all
+    images must share one size; with it each is center-cropped to a square and resized to
+    (img_size, img_size) (bilinear, antialias). channels: None -> 3 if any image is colour, else 1.
+    Decoded uint8 (C, H, W) images are cached in memory up to `cache_bytes` (2 GiB: all of them when
+    N * C * H * W fits).
+    """
+
+    kind = "folder"
+
+    def __init__(self, root, img_size=None, channels=None, *, cache_bytes=CACHE_BYTES):
+        """Index the files and read their headers (size, gray/colour); pixels are decoded in get_batch."""
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: {self.root} is not a directory")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"ImageFolder: channels must be None, 1 or 3, got {channels!r}")
+        if img_size is not None and (not isinstance(img_size, int) or img_size < 1):
+            raise ValueError(f"ImageFolder: img_size must be a positive int or None, got {img_size!r}")
+        self.files = _list_images(self.root)
+        if not self.files:
+            raise ValueError(f"ImageFolder: no .png/.jpg/.jpeg images under {self.root}")
+        self.class_names, labels = _classes_of(self.root, self.files)
+        infos = [_images.image_info(p) for p in self.files]
+        hw = (img_size, img_size) if img_size is not None else _common_size(self.root, self.files, infos)
+        c = channels or (3 if any(i[2] == 3 for i in infos) else 1)
+        self.img_size, self._n, self._shape = img_size, len(self.files), (c, *hw)
+        self.labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
+        self._num_classes = len(self.class_names)
+        self._cache, self._cache_max = {}, cache_bytes // (c * hw[0] * hw[1])
+
+    def describe(self):
+        """One line: folder, N, shape (C, H, W) and classes."""
+        return super().describe() + f" ({self.root})"
+
+    def _decode(self, i):
+        """Image i -> uint8 tensor (C, H, W), cropped and resized to ds.shape."""
+        a = _match_channels(_images.read_image(self.files[i]), self._shape[0])
+        x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        if self.img_size is None:
+            return x
+        y = _resize(_center_crop(x[None].to(torch.float32)), self.img_size)[0]
+        return y.round().clamp(0, 255).to(torch.uint8)
+
+    def _load(self, i):
+        """Cached uint8 (C, H, W) of image i."""
+        x = self._cache.get(i)
+        if x is None:
+            x = self._decode(i)
+            if len(self._cache) < self._cache_max:
+                self._cache[i] = x
+        return x
+
+    def get_batch(self, indices):
+        """indices LongTensor (b,) -> (x float32 (b, C, H, W) in [-1, 1], labels int64 (b,) or None)."""
+        idx = self._check_indices(indices)
+        x = torch.stack([self._load(int(i)) for i in idx]) if idx.numel() else \
+            torch.empty((0, *self._shape), dtype=torch.uint8)
+        return x.to(torch.float32) / 127.5 - 1.0, (None if self.labels is None else self.labels[idx])
+
+
+# ----------------------------------------------------------------------------- --data
+
+def _check_img_size(ds, img_size, path):
+    """Array / latent data cannot be resized here: img_size must match (or be None)."""
+    if img_size is not None and tuple(ds.shape[1:]) != (img_size, img_size):
+        raise ValueError(f"--data: {path} holds {ds.shape[1]}x{ds.shape[2]} images but img_size={img_size}; "
+                         f"resize the arrays offline or leave img_size unset")
+    return ds
+
+
+def build_dataset(spec, img_size=None, sigma_d=0.5):
+    """--data value -> dataset: 'digits', an image folder, a .npy/.npz file, or 'latents:PATH'.
+
+    img_size resizes digits and image folders; for arrays and latents it must match their size.
+    """
+    spec = str(spec)
+    if spec == "digits":
+        return digits(img_size or 8)
+    is_latent = spec.startswith("latents:")
+    path = Path(spec[len("latents:"):] if is_latent else spec)
+    if not path.exists():
+        raise FileNotFoundError(f"--data: {path} does not exist ({DATA_HINT})")
+    if is_latent:
+        return _check_img_size(LatentData(path, sigma_d=sigma_d), img_size, path)
+    if path.is_dir():
+        return ImageFolder(path, img_size=img_size)
+    if path.suffix.lower() in (".npy", ".npz"):
+        return _check_img_size(load_arrays(path), img_size, path)
+    raise ValueError(f"--data: {path} is neither a folder nor a .npy/.npz file ({DATA_HINT})")
+
+
+# ----------------------------------------------------------------------------- sampler
+
+class ShardedSampler:
+    """Deterministic batches from one global index stream, sliced per rank.
+
+    The stream concatenates epoch permutations: epoch e is torch.randperm(n) under a generator seeded
+    with seed * 1_000_003 + e. Each step takes the next global_batch indices (crossing epochs
+    seamlessly, so every index appears once per epoch); rank r gets [r * local, (r + 1) * local) with
+    local = global_batch // world_size. The stream does not depend on world_size, so a state_dict
+    resumes on any number of ranks.
+    """
+
+    def __init__(self, n, global_batch, rank=0, world_size=1, seed=0):
+        """n images; global_batch indices per step over all world_size ranks; seed >= 0."""
+        n, global_batch, rank, world_size, seed = (int(v) for v in (n, global_batch, rank, world_size, seed))
+        if n < 1:
+            raise ValueError(f"ShardedSampler: n must be >= 1, got n={n}")
+        if global_batch < 1:
+            raise ValueError(f"ShardedSampler: global_batch must be >= 1, got global_batch={global_batch}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"ShardedSampler: expected world_size >= 1 and 0 <= rank < world_size, "
+                             f"got rank={rank}, world_size={world_size}")
+        if global_batch % world_size:
+            raise ValueError(f"ShardedSampler: global_batch={global_batch} is not divisible by "
+                             f"world_size={world_size}")
+        if seed < 0:
+            raise ValueError(f"ShardedSampler: seed must be >= 0, got seed={seed}")
+        self.n, self.global_batch, self.rank, self.world_size, self.seed = n, global_batch, rank, world_size, seed
+        self.local_batch = global_batch // world_size
+        self._epoch, self._pos, self._perm = 0, 0, None
+
+    @property
+    def epoch(self):
+        """Epoch of the next index in the stream (= completed epochs)."""
+        return self._epoch
+
+    @property
+    def images_seen(self):
+        """Indices consumed from the global stream so far (all ranks together)."""
+        return self._epoch * self.n + self._pos
+
+    def _permutation(self):
+        """This epoch's permutation of range(n), generated once per epoch."""
+        if self._perm is None:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._epoch) % (1 << 64))
+            self._perm = torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def _take(self, count):
+        """Advance the global stream by `count` indices -> LongTensor (count,)."""
+        pieces = []
+        while count > 0:
+            k = min(count, self.n - self._pos)
+            pieces.append(self._permutation()[self._pos:self._pos + k])
+            self._pos, count = self._pos + k, count - k
+            if self._pos == self.n:
+                self._epoch, self._pos, self._perm = self._epoch + 1, 0, None
+        return torch.cat(pieces)
+
+    def next(self):
+        """The next step's indices for this rank: LongTensor (local_batch,)."""
+        batch = self._take(self.global_batch)
+        return batch[self.rank * self.local_batch:(self.rank + 1) * self.local_batch].clone()
+
+    __next__ = next
+
+    def __iter__(self):
+        """An endless iterator over next()."""
+        return self
+
+    def state_dict(self):
+        """{'seed', 'epoch', 'pos', 'n', 'global_batch'} as plain ints."""
+        return {"seed": self.seed, "epoch": self._epoch, "pos": self._pos, "n": self.n,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state):
+        """Resume the global stream exactly at `state` (from any world size with the same n, global_batch)."""
+        missing = {"seed", "epoch", "pos", "n", "global_batch"} - set(state)
+        if missing:
+            raise ValueError(f"ShardedSampler.load_state_dict: missing keys {sorted(missing)}")
+        for key in ("n", "global_batch"):
+            if int(state[key]) != getattr(self, key):
+                raise ValueError(f"ShardedSampler.load_state_dict: state has {key}={int(state[key])} but this "
+                                 f"sampler has {key}={getattr(self, key)}")
+        epoch, pos = int(state["epoch"]), int(state["pos"])
+        if epoch < 0 or not 0 <= pos <= self.n:
+            raise ValueError(f"ShardedSampler.load_state_dict: expected epoch >= 0 and 0 <= pos <= n={self.n}, "
+                             f"got epoch={epoch}, pos={pos}")
+        self.seed, self._epoch, self._pos, self._perm = int(state["seed"]), epoch, pos, None
+        if pos == self.n:
+            self._epoch, self._pos = epoch + 1, 0
