@@ -13,7 +13,20 @@ import torch.nn.functional as F
 
 from scm_fast.ops.adaptive_norm import adaptive_double_norm, adaptive_double_norm_ref
 
-__all__ = ["GELU", "AdaptiveDoubleNorm", "Linear", "RMSNorm", "SiLU"]
+__all__ = ["GELU", "AdaptiveDoubleNorm", "Conv2d", "Linear", "RMSNorm", "SiLU"]
+
+
+def under_autocast(fn, *tensors):
+    """fn(*tensors) with autocast's cast done by hand (floating tensors except fp64 to the autocast
+    dtype) and autocast off inside, so that a custom Function saves, and differentiates, tensors
+    of the dtype its forward computed in. Without autocast: fn(*tensors)."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return fn(*tensors)
+    dtype = torch.get_autocast_dtype(device)
+    cast = [t if t is None or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
+    with torch.autocast(device, enabled=False):
+        return fn(*cast)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -60,7 +73,7 @@ class Linear(torch.nn.Linear):
     def forward(self, x):
         if self.impl == "torch":
             return F.linear(x, self.weight, self.bias)
-        return _LinearFn.apply(x, self.weight, self.bias)
+        return under_autocast(_LinearFn.apply, x, self.weight, self.bias)
 
 
 class _ActivationFn(torch.autograd.Function):
@@ -169,9 +182,10 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        weight = self.weight.to(x.dtype)  # under autocast x is bf16/fp16 and the weight fp32
         if self.impl == "torch":
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return _RMSNormFn.apply(x, weight, self.eps)
 
 
 class AdaptiveDoubleNorm(torch.nn.Module):
@@ -211,3 +225,77 @@ class AdaptiveDoubleNorm(torch.nn.Module):
     def extra_repr(self):
         groups = f", num_groups={self.num_groups}" if self.norm == "group" else ""
         return f"{self.channels}, norm={self.norm!r}{groups}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class _Conv2dFn(torch.autograd.Function):
+    """y = conv2d(x, W) + b (zero padding already in `padding`); tangent (no graph)
+    t_y = conv2d(tx, W) + conv2d(x, tW) + tb; gradients with aten.convolution_backward."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation, groups):
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x.detach(), weight.detach())  # detached: a saved dual would keep its tangent
+        ctx.save_for_forward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias, ctx.out_shape = bias is not None, output.shape
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        if g is None:
+            return (None,) * 7
+        stride, padding, dilation, groups = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
+            False, [0, 0], groups, mask)
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        with torch.no_grad():  # d(conv(x, W) + b) = conv(tx, W) + conv(x, tW) + tb, no graph
+            out = None if tx is None else F.conv2d(tx, weight.detach(), None, stride, padding, dilation, groups)
+            if tw is not None:
+                t = F.conv2d(x.detach(), tw, None, stride, padding, dilation, groups)
+                out = t if out is None else out + t
+            if tb is not None:
+                tb = tb[:, None, None]
+                out = tb.expand(ctx.out_shape).clone() if out is None else out + tb
+        return out
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d whose forward-AD tangent carries no autograd graph (module docstring).
+
+    Any padding / padding_mode of torch.nn.Conv2d: string padding ("same") and non-zero modes are
+    applied with F.pad before the convolution (F.pad's tangent is a pad of tx: no graph). Under
+    autocast the inputs are cast to the autocast dtype first (as autocast does for F.conv2d), so
+    the backward sees one dtype. impl = "torch" runs torch.nn.Conv2d's own forward.
+    Double backward is incomplete: saved tensors are detached (as in Linear), so second derivatives
+    through x and W are dropped.
+    """
+
+    impl = "fused"
+
+    def forward(self, x):
+        if self.impl == "torch":
+            return super().forward(x)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0, 0)
+        weight, bias = self.weight, self.bias
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        args = (self.stride, padding, self.dilation, self.groups)
+        y = under_autocast(lambda x, w, b: _Conv2dFn.apply(x, w, b, *args), x, weight, bias)
+        return y.squeeze(0) if unbatched else y

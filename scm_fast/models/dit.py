@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scm_fast.nn import GELU, AdaptiveDoubleNorm, Linear, RMSNorm, SiLU
+from scm_fast.nn import GELU, AdaptiveDoubleNorm, Conv2d, Linear, RMSNorm, SiLU
 from scm_fast.ops import attention
 
 
@@ -36,6 +36,7 @@ class DiTConfig:
 # Presets from a CPU toy to ~1.5B parameters (DiT's S/B/L/XL widths; XXL for the ~1.5B class).
 PRESETS = {
     "tiny": dict(hidden=64, depth=2, heads=2),
+    "digits": dict(hidden=128, depth=4, heads=4),   # the embedded digits run (8x8, patch 1: 64 tokens)
     "S": dict(hidden=384, depth=12, heads=6),
     "B": dict(hidden=768, depth=12, heads=12),
     "L": dict(hidden=1024, depth=24, heads=16),
@@ -181,10 +182,11 @@ class DiT(torch.nn.Module):
 def use_pytorch_ops(model, enable=True):
     """Swap every scm_fast op and layer of `model` for PyTorch's own (SDPA, the norm's composition,
     nn.functional's linear / gelu / silu / rms_norm), or back."""
+    from scm_fast.models.unet import UNetAttention  # lazy: unet imports dit
     for m in model.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, (Attention, UNetAttention)):
             m.impl = "sdpa" if enable else "fused"
-        elif isinstance(m, (AdaptiveDoubleNorm, Linear, GELU, SiLU, RMSNorm)):
+        elif isinstance(m, (AdaptiveDoubleNorm, Linear, Conv2d, GELU, SiLU, RMSNorm)):
             m.impl = "torch" if enable else "fused"
     return model
 
