@@ -68,20 +68,22 @@ def diffusion_loss(F, x0, cond=None, logvar=None, *, sigma_d=0.5, P_mean=-0.8, P
                    generator=None):
     """E[ w(t) || sigma_d F - v_t ||^2 ] / sigma_d^2 with adaptive weighting: the network predicts
     v_t / sigma_d. label_dropout: the fraction of cond["labels"] replaced by -1 (the null class) so
-    that the teacher learns the unconditional F for classifier-free guidance. Returns (loss, t)."""
+    that the teacher learns the unconditional F for classifier-free guidance. Returns (loss, stats)
+    with stats t (B,) and the per-sample squared error."""
     cond = dict(cond or {})
     if label_dropout > 0 and "labels" in cond:
-        drop = torch.rand(cond["labels"].shape, generator=generator, device=x0.device) < label_dropout
+        drop = trigflow.rand(cond["labels"].shape, generator, x0.device) < label_dropout
         cond["labels"] = torch.where(drop, torch.full_like(cond["labels"], -1), cond["labels"])
     dtype = _loss_dtype(x0)
     x0 = x0.to(dtype)
     B = x0.shape[0]
     t = trigflow.sample_time(B, P_mean, P_std, sigma_d, generator, x0.device).to(dtype)
-    z = sigma_d * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype)
+    z = sigma_d * trigflow.randn(x0.shape, generator, x0.device, dtype)
     x_t = trigflow.noisy(x0, z, t)
     out = F(x_t / sigma_d, t, **cond).to(dtype)
-    err = out - trigflow.target_velocity(x0, z, t) / sigma_d
-    return weighted_loss(err.square(), None if logvar is None else logvar(t)), t
+    err_sq = (out - trigflow.target_velocity(x0, z, t) / sigma_d).square()
+    loss = weighted_loss(err_sq, None if logvar is None else logvar(t))
+    return loss, {"t": t.detach(), "err": _per_sample_mean(err_sq).detach()}
 
 
 # ---- sCT / sCD -------------------------------------------------------------------------------
@@ -120,10 +122,10 @@ def scm_loss(F, x0, step, cfg, cond=None, logvar=None, teacher=None, generator=N
     x0 = x0.to(dtype)
     B = x0.shape[0]
     t = trigflow.sample_time(B, cfg.P_mean, cfg.P_std, sd, generator, x0.device).to(dtype)
-    z = sd * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=dtype)
+    z = sd * trigflow.randn(x0.shape, generator, x0.device, dtype)
     x_t = trigflow.noisy(x0, z, t)
     if cfg.guidance_input:
-        u = torch.rand(B, generator=generator, device=x0.device, dtype=dtype)
+        u = trigflow.rand((B,), generator, x0.device, dtype)
         cond = {**cond, "guidance": cfg.guidance_min + (cfg.guidance_max - cfg.guidance_min) * u}
     if teacher is None:
         dxdt = trigflow.target_velocity(x0, z, t)
@@ -165,12 +167,12 @@ def meanflow_loss(u, x0, cond=None, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.2
     x0 = x0.to(dtype)
     B = x0.shape[0]
     dev = x0.device
-    a = torch.sigmoid(torch.randn(B, generator=generator, device=dev) * P_std + P_mean).to(dtype)
-    b = torch.sigmoid(torch.randn(B, generator=generator, device=dev) * P_std + P_mean).to(dtype)
+    a = torch.sigmoid(trigflow.randn((B,), generator, dev) * P_std + P_mean).to(dtype)
+    b = torch.sigmoid(trigflow.randn((B,), generator, dev) * P_std + P_mean).to(dtype)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    same = torch.rand(B, generator=generator, device=dev) >= ratio_r_neq_t
+    same = trigflow.rand((B,), generator, dev) >= ratio_r_neq_t
     r = torch.where(same, t, r)
-    eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=dtype)
+    eps = trigflow.randn(x0.shape, generator, dev, dtype)
     z = (1 - bcast(t, x0)) * x0 + bcast(t, x0) * eps
     v = eps - x0
 

@@ -34,9 +34,52 @@ def target_velocity(x0, z, t):
     return torch.cos(t) * z - torch.sin(t) * x0
 
 
+class BatchGenerator:
+    """Random draws for a batch split over ranks. Every call draws the values of the GLOBAL batch
+    (rows = world_size x the local rows asked for) from one generator seeded alike on all ranks and
+    returns this rank's rows [rank * b, (rank + 1) * b): noise and times do not depend on the world
+    size, so a run on N processes computes what one process computes on the same global batch."""
+
+    def __init__(self, seed, rank=0, world_size=1, device="cpu"):
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def _rows(self, draw, shape, dtype, device):
+        shape = tuple(shape)
+        full = draw((shape[0] * self.world_size, *shape[1:]), generator=self.generator,
+                    device=self.generator.device, dtype=dtype)
+        return full[self.rank * shape[0]:(self.rank + 1) * shape[0]].to(device)
+
+    def randn(self, shape, dtype=None, device=None):
+        return self._rows(torch.randn, shape, dtype, device)
+
+    def rand(self, shape, dtype=None, device=None):
+        return self._rows(torch.rand, shape, dtype, device)
+
+    def get_state(self):
+        return self.generator.get_state()
+
+    def set_state(self, state):
+        self.generator.set_state(state)
+
+
+def randn(shape, generator=None, device=None, dtype=None):
+    """torch.randn with a torch.Generator, a BatchGenerator or None (the global generator)."""
+    if isinstance(generator, BatchGenerator):
+        return generator.randn(shape, dtype, device)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def rand(shape, generator=None, device=None, dtype=None):
+    """torch.rand with a torch.Generator, a BatchGenerator or None."""
+    if isinstance(generator, BatchGenerator):
+        return generator.rand(shape, dtype, device)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
 def sample_time(n, P_mean, P_std, sigma_d=SIGMA_D, generator=None, device=None):
     """t = arctan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2) [P Alg. 1], shape (n,), fp32."""
-    tau = torch.randn(n, generator=generator, device=device) * P_std + P_mean
+    tau = randn((n,), generator, device) * P_std + P_mean
     return torch.atan(torch.exp(tau) / sigma_d)
 
 
