@@ -1,0 +1,201 @@
+"""Sampling from a trained run: `python -m scm_fast.sample --ckpt RUN_OR_CKPT --steps 1|2|K ...`.
+
+Consistency models (sCT, sCD) sample in 1, 2 or K steps [P §5.2]: x = sigma_d eps at t_max, then
+x0 = f(x, t_i) and re-noise to t_{i+1}; 2 steps use t_mid = 1.1, 4 steps SANA-Sprint's
+(t_max, 1.3, 1.1, 0.6), other K need --times. TrigFlow teachers run the PF-ODE (Heun, K steps,
+NFE = 2K - 1) with classifier-free guidance. MeanFlow models take K uniform average-velocity steps
+from t = 1 to 0. Writes OUTDIR/grid.png, OUTDIR/images/NNNNNN.png and OUTDIR/samples.npz
+(images uint8 (N, H, W, C), labels int64).
+"""
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scm_fast import checkpoint, config, images, trigflow
+from scm_fast.models import DiT, UNet, dit_config, unet_config
+
+T_SCHEDULES = {1: (trigflow.T_MAX,), 2: (trigflow.T_MAX, trigflow.T_MID), 4: (trigflow.T_MAX, 1.3, 1.1, 0.6)}
+
+
+# ---- networks from run directories ----------------------------------------------------------
+def build_network(cfg, shape, num_classes):
+    """The network F_theta(x_in, t, labels, guidance, r) a TrainConfig describes, for data of
+    shape (C, H, W) with num_classes classes (0: unconditional)."""
+    C, H, W = shape
+    if H != W:
+        raise ValueError(f"images must be square, got {H}x{W} (pass --img-size to resize)")
+    kw = dict(img_size=H, in_channels=C, num_classes=num_classes if cfg.class_cond else 0,
+              guidance_embed=cfg.objective == "scd", second_time=cfg.objective == "meanflow")
+    if cfg.arch == "dit":
+        return DiT(dit_config(cfg.model, patch=cfg.patch or (1 if H < 16 else 2), **kw))
+    return UNet(unet_config(cfg.model, dropout=cfg.dropout, **kw))
+
+
+def resolve_checkpoint(path):
+    """A checkpoint directory from a run directory (its newest good checkpoint) or a checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected a run directory or a checkpoint directory)")
+    if (path / "MANIFEST.json").exists():
+        checkpoint.verify(path)
+        return path
+    found = checkpoint.latest(path / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"no usable checkpoint under {path / 'checkpoints'}")
+    return found
+
+
+def load_run(path, ema=None, device="cpu"):
+    """(network in eval mode with the chosen weights, TrainConfig, meta) of a run or checkpoint.
+    ema: an EMA name (e.g. 'halflife-10k', 'power-0.050'), 'none' for the raw weights, or None for
+    the first EMA the run kept (the raw weights if it kept none)."""
+    ckpt = resolve_checkpoint(path)
+    meta = checkpoint.read_object(ckpt, "meta")
+    cfg = config.from_dict(meta["config"])
+    net = build_network(cfg, tuple(meta["shape"]), meta["num_classes"])
+    names = meta.get("ema_names", [])
+    name = ema if ema is not None else (names[0] if names else "none")
+    if name != "none" and name not in names:
+        raise ValueError(f"--ema {name!r} not in this run's EMAs {names} (or 'none')")
+    stem = "model" if name == "none" else f"ema-{name}"
+    weights = checkpoint.read_tensors(ckpt, stem)
+    weights = {k: v for k, v in weights.items() if not k.startswith("logvar.")}
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    buffers = {n for n, _ in net.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise ValueError(f"{ckpt / (stem + '.safetensors')} does not fit the network its config describes: "
+                         f"missing {sorted(set(missing) - buffers)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return net.to(device).eval().requires_grad_(False), cfg, {**meta, "checkpoint": str(ckpt), "weights": stem}
+
+
+# ---- generating -----------------------------------------------------------------------------
+def class_labels(n, num_classes, device="cpu"):
+    """0, 1, ..., K-1, 0, 1, ... (None for unconditional networks)."""
+    return None if not num_classes else torch.arange(n, device=device) % num_classes
+
+
+def network_fn(net, cfg, labels, guidance, precision="fp32"):
+    """F(x_in, t) with the run's conditioning: class labels, the sCD student's guidance input, or
+    the teacher's classifier-free guidance F_u + s (F_c - F_u) (objective 'diffusion')."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def F(x_in, t, labels=labels, **extra):
+        cond = {} if labels is None else {"labels": labels}
+        with torch.autocast(x_in.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return net(x_in, t, **cond, **extra).float()
+
+    if cfg.objective == "scd":
+        return lambda x_in, t: F(x_in, t, guidance=torch.full_like(t, guidance))
+    if cfg.objective == "diffusion" and labels is not None and guidance != 1.0:
+        def F_cfg(x_in, t):
+            F_c, F_u = F(x_in, t), F(x_in, t, labels=torch.full_like(labels, -1))
+            return F_u + guidance * (F_c - F_u)
+        return F_cfg
+    return F
+
+
+def generate(net, cfg, shape, n, steps=None, guidance=None, labels=None, times=None, seed=0, batch=500,
+             device="cpu"):
+    """n images (n, C, H, W) in data space. steps: consistency / MeanFlow steps, or the teacher's
+    ODE steps (default 18, NFE 35); guidance: the sCD student's s or the teacher's CFG scale
+    (default cfg.sample_guidance)."""
+    guidance = cfg.sample_guidance if guidance is None else guidance
+    gen = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        lab = None if labels is None else labels[i:i + b].to(device)
+        noise = torch.randn((b, *shape), generator=gen, device=device)
+        F = network_fn(net, cfg, lab, guidance, cfg.precision)
+        out.append(_sample(F, cfg, noise, steps, times, gen))
+    return torch.cat(out)
+
+
+def _sample(F, cfg, noise, steps, times, gen):
+    if cfg.objective == "diffusion":
+        return trigflow.ode_sample(F, noise, steps=steps or 18, solver="heun", sigma_d=cfg.sigma_d)
+    if cfg.objective == "meanflow":
+        return meanflow_sample(F, noise, steps or 1)
+    ts = times or consistency_times(steps or 1)
+    return trigflow.consistency_sample(F, noise, ts, sigma_d=cfg.sigma_d, generator=gen)
+
+
+def consistency_times(steps):
+    if steps not in T_SCHEDULES:
+        raise ValueError(f"--steps {steps} has no default schedule (1, 2 and 4 do): pass --times t_max,...")
+    return T_SCHEDULES[steps]
+
+
+@torch.no_grad()
+def meanflow_sample(F, noise, steps):
+    """z_1 = eps; z_r = z_t - (t - r) u(z_t, r, t) on a uniform grid from t = 1 to 0 [MeanFlow]."""
+    z = noise
+    grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
+    for t, r in zip(grid[:-1], grid[1:]):
+        tt = torch.full((z.shape[0],), t, device=z.device)
+        z = z - (t - r) * F(z, tt, r=torch.full_like(tt, r))
+    return z
+
+
+# ---- command line -----------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scm_fast.sample", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="a run directory (its newest good checkpoint) or a checkpoint")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 1; teachers: 18 ODE steps)")
+    p.add_argument("--times", type=str, default=None, help="consistency times, comma-separated, t_max first")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--guidance", type=float, default=None, help="sCD student's s / teacher CFG scale")
+    p.add_argument("--label", type=int, default=None, help="one class for all images (default: cycle)")
+    p.add_argument("--ema", type=str, default=None, help="EMA name, or 'none' for the raw weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outdir", required=True)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.n < 1 or (args.steps is not None and args.steps < 1):
+        p.error(f"--n and --steps must be >= 1; got {args.n}, {args.steps}")
+    if args.times:
+        try:
+            args.times = tuple(float(v) for v in args.times.split(","))
+        except ValueError:
+            p.error(f"--times must be comma-separated numbers, got {args.times!r}")
+        if not all(0 < t <= math.pi / 2 for t in args.times):
+            p.error(f"--times must lie in (0, pi/2], got {args.times}")
+    if not Path(args.ckpt).exists():
+        p.error(f"--ckpt: {args.ckpt} does not exist")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    net, cfg, meta = load_run(args.ckpt, args.ema, device)
+    shape, K = tuple(meta["shape"]), meta["num_classes"] if cfg.class_cond else 0
+    if args.label is not None and not 0 <= args.label < max(K, 1):
+        raise SystemExit(f"--label must be in [0, {K}) for this run, got {args.label}")
+    labels = class_labels(args.n, K) if args.label is None or not K else torch.full((args.n,), args.label)
+    x = generate(net, cfg, shape, args.n, args.steps, args.guidance, labels, args.times, args.seed, device=device)
+    write_outputs(Path(args.outdir), x.clamp(-1, 1).cpu(), labels)
+    info = dict(checkpoint=meta["checkpoint"], weights=meta["weights"], n=args.n, steps=args.steps,
+                times=args.times, guidance=args.guidance, seed=args.seed)
+    (Path(args.outdir) / "sample.json").write_text(json.dumps(info, indent=2))
+    print(f"wrote {args.n} samples to {args.outdir}/ (grid.png, images/, samples.npz)")
+
+
+def write_outputs(outdir, x, labels):
+    """grid.png, images/NNNNNN.png and samples.npz (images uint8 (N, H, W, C), labels)."""
+    os.makedirs(outdir / "images", exist_ok=True)
+    images.save_grid(outdir / "grid.png", x[:256])
+    u8 = images.to_uint8(x)
+    for i, img in enumerate(u8):
+        images.write_png(outdir / "images" / f"{i:06d}.png", img)
+    extra = {} if labels is None else {"labels": labels.numpy().astype(np.int64)}
+    np.savez(outdir / "samples.npz", images=u8, **extra)
+
+
+if __name__ == "__main__":
+    main()
