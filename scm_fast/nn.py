@@ -81,7 +81,7 @@ class _ActivationFn(torch.autograd.Function):
 
     @staticmethod
     def forward(x, kind):
-        return F.gelu(x, approximate="tanh") if kind == "gelu" else F.silu(x)
+        return F.gelu(x) if kind == "gelu" else F.silu(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -94,7 +94,7 @@ class _ActivationFn(torch.autograd.Function):
     def times_derivative(g, x, kind):
         """g * act'(x) with PyTorch's fused backward kernels."""
         if kind == "gelu":
-            return torch.ops.aten.gelu_backward(g, x, approximate="tanh")
+            return torch.ops.aten.gelu_backward(g, x)
         return torch.ops.aten.silu_backward(g, x)
 
     @staticmethod
@@ -112,12 +112,13 @@ class _ActivationFn(torch.autograd.Function):
 
 
 class GELU(torch.nn.Module):
-    """GELU (tanh approximation) whose tangent carries no autograd graph."""
+    """GELU (exact, erf form) whose tangent carries no autograd graph. Not the tanh approximation:
+    on CPU PyTorch's tanh GELU is ~4x slower (34 vs 9 ms forward for 4M floats, 2 threads)."""
 
     impl = "fused"
 
     def forward(self, x):
-        return F.gelu(x, approximate="tanh") if self.impl == "torch" else _ActivationFn.apply(x, "gelu")
+        return F.gelu(x) if self.impl == "torch" else _ActivationFn.apply(x, "gelu")
 
 
 class SiLU(torch.nn.Module):
@@ -299,3 +300,76 @@ class Conv2d(torch.nn.Conv2d):
         args = (self.stride, padding, self.dilation, self.groups)
         y = under_autocast(lambda x, w, b: _Conv2dFn.apply(x, w, b, *args), x, weight, bias)
         return y.squeeze(0) if unbatched else y
+
+
+# ---- attention module on the fused op (for use in other codebases) ----------------------------
+from scm_fast.ops.attention import attention as _attention  # noqa: E402
+
+# Kept out of torch.compile graphs: inside one, PyTorch drops the fused op's custom jvp.
+_attention_eager = torch.compiler.disable(_attention)
+
+
+class Attention(torch.nn.Module):
+    """Multi-head attention on scm_fast's fused op: qkv Linear -> optional QK RMSNorm -> attention ->
+    output Linear; x (B, L, dim) -> (B, L, dim). Under torch.func.jvp one kernel gives the output and
+    its tangent, and every layer's tangent carries no autograd graph.
+
+    heads: query heads; kv_heads: key/value heads (GQA/MQA; a divisor of heads, default heads);
+    context_dim: cross-attention (keys and values from `context` (B, S, context_dim)); qk_norm:
+    RMSNorm (with weight) over each head of q and k; bias: of the projections.
+    forward(x, context=None, attn_mask=None, causal=False): attn_mask as in
+    scm_fast.ops.attention, broadcastable to (B, heads, L, S), bool (True = attend) or additive.
+    The fused op is compiler-disabled (runs eagerly inside torch.compile: a graph break).
+    `impl = "sdpa"` calls F.scaled_dot_product_attention instead.
+    """
+
+    impl = "fused"
+
+    def __init__(self, dim, heads, *, kv_heads=None, context_dim=None, qk_norm=True, bias=True, eps=1e-6):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if dim % heads or heads % kv_heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}) and heads a multiple of "
+                             f"kv_heads ({kv_heads})")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        kv = 2 * kv_heads * self.head_dim
+        self.cross = context_dim is not None
+        if self.cross:
+            self.q = Linear(dim, dim, bias=bias)
+            self.kv = Linear(context_dim, kv, bias=bias)
+        else:
+            self.qkv = Linear(dim, dim + kv, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else torch.nn.Identity()
+        self.proj = Linear(dim, dim, bias=bias)
+
+    def _heads(self, x, n):
+        return x.reshape(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)  # (B, n, L, D)
+
+    def forward(self, x, context=None, attn_mask=None, causal=False):
+        if self.cross != (context is not None):
+            raise ValueError("context must be given exactly when the module was built with context_dim")
+        B, L, C = x.shape
+        if self.cross:
+            q, kv = self.q(x), self.kv(context)
+        else:
+            q, kv = self.qkv(x).split([C, 2 * self.kv_heads * self.head_dim], dim=-1)
+        k, v = kv.chunk(2, dim=-1)
+        q = self.q_norm(self._heads(q, self.heads))
+        k, v = self.k_norm(self._heads(k, self.kv_heads)), self._heads(v, self.kv_heads)
+        if self.impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                               enable_gqa=self.kv_heads != self.heads)
+        else:
+            o = _attention_eager(q, k, v, attn_mask=attn_mask, causal=causal)
+        return self.proj(o.transpose(1, 2).reshape(B, L, C))
+
+
+def swap_adaptive_norm(model, **kwargs):
+    """Replace diffusers' adaLN / AdaGN modulation with adaptive double normalization; the same
+    function as scm_fast.patch.swap_adaptive_norm (see there for what it swaps and what it cannot)."""
+    from scm_fast.patch import swap_adaptive_norm as swap  # lazy: scm_fast.patch imports this module
+    return swap(model, **kwargs)
+
+
+__all__ += ["Attention", "swap_adaptive_norm"]

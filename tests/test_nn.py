@@ -17,7 +17,7 @@ def native(name, m):
     if name == "linear":
         return lambda x: torch.nn.functional.linear(x, m.weight, m.bias)
     if name == "gelu":
-        return lambda x: torch.nn.functional.gelu(x, approximate="tanh")
+        return lambda x: torch.nn.functional.gelu(x)
     if name == "silu":
         return torch.nn.functional.silu
     return lambda x: torch.nn.functional.rms_norm(x, (6,), m.weight, m.eps)

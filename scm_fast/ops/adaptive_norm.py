@@ -216,6 +216,7 @@ def _tangent(t):
     return fwAD.unpack_dual(t).tangent if t is not None else None
 
 
+@torch.compiler.disable  # torch.compile drops a custom jvp (pytorch 192985): keep the op eager
 def adaptive_double_norm(x, scale, shift, *, norm="layer", num_groups=None, eps=1e-6, weight=None, bias=None,
                          channels_last=None):
     """y = norm(x) * pnorm(scale) + pnorm(shift), pnorm(a) = a / sqrt(mean_c(a^2) + eps).

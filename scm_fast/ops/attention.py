@@ -225,6 +225,7 @@ def _tangent_or_zeros(x):
     return torch.zeros_like(x) if t is None else t
 
 
+@torch.compiler.disable  # torch.compile drops a custom jvp (pytorch 192985): keep the op eager
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     """softmax(scale q k^T + attn_mask) v, like F.scaled_dot_product_attention (B, H, L, D).
 
@@ -244,6 +245,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     return o
 
 
+@torch.compiler.disable  # torch.compile drops a custom jvp (pytorch 192985): keep the op eager
 def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=None):
     """(o, to): the attention output and its tangent along (tq, tk, tv), in one fused pass.
 
