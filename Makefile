@@ -1,3 +1,4 @@
+# make train      the embedded default: sCT on digits (CPU, a few minutes), sample grids and FD in runs/digits-sct
 # make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
 # make test-slow  the larger cases too
 # make bench      CPU benchmarks (fused attention JVP and adaptive norm vs PyTorch) and the GPU kernel build report
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scm_fast-installed
 
-.PHONY: install test test-slow bench report asan gpu-check clean
+.PHONY: install train test test-slow bench report asan gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.
 	touch $@
 
 install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m scm_fast.train $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m scm_fast.info

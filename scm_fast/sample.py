@@ -32,7 +32,7 @@ def build_network(cfg, shape, num_classes):
     kw = dict(img_size=H, in_channels=C, num_classes=num_classes if cfg.class_cond else 0,
               guidance_embed=cfg.objective == "scd", second_time=cfg.objective == "meanflow")
     if cfg.arch == "dit":
-        return DiT(dit_config(cfg.model, patch=cfg.patch or (1 if H < 16 else 2), **kw))
+        return DiT(dit_config(cfg.model, patch=cfg.patch or (2 if H % 2 == 0 and H >= 8 else 1), **kw))
     return UNet(unet_config(cfg.model, dropout=cfg.dropout, **kw))
 
 

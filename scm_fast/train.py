@@ -58,7 +58,16 @@ class Dist:
         if cuda:
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            backend = "nccl" if cuda else "gloo"
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if attempt is None:
+                dist.init_process_group(backend)
+            else:
+                # torchrun keeps its TCPStore across --max-restarts attempts, so a restarted group would
+                # read the previous attempt's keys (gloo then connects to dead ports): one prefix per attempt.
+                store, _, _ = next(dist.rendezvous("env://", self.rank, self.world))
+                dist.init_process_group(backend, store=dist.PrefixStore(f"scm_fast/attempt-{attempt}", store),
+                                        rank=self.rank, world_size=self.world)
 
     def all_sum(self, t):
         if self.world > 1:
@@ -143,9 +152,11 @@ def parse_faults(text):
 
 def block_modules(net):
     """The repeated blocks of a network (FSDP2 units, activation-checkpointing units)."""
-    if hasattr(net, "blocks"):
+    if hasattr(net, "blocks"):  # DiT
         return list(net.blocks)
-    return [m for m in net.modules() if getattr(m, "is_block", False)]
+    if hasattr(net, "enc"):  # U-Net: its residual blocks (each with its attention)
+        return list(net.enc.values()) + list(net.dec.values())
+    return []
 
 
 def checkpoint_blocks(net):
@@ -172,14 +183,22 @@ class Trainer:
         self.faults = parse_faults(os.environ.get("SCM_FAST_FAULT"))
         self.log_file = None
         self.tb = None
+        self.resumed_step = None
 
     # -- setup
     def setup(self):
         cfg, proc = self.cfg, self.proc
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.batch % proc.world:
+            raise SystemExit(f"--batch {cfg.batch} (the global batch) must be divisible by the world size "
+                             f"{proc.world}")
+        try:
+            self.data = data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
+        except (OSError, ValueError) as err:  # a message, not a traceback, and no run dir for a bad --data
+            msg = str(err)
+            raise SystemExit(msg if msg.startswith("--data") else f"--data {cfg.data}: {msg}") from None
         self._prepare_run_dir()
-        self.data = data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
         self.num_classes = self.data.num_classes if cfg.class_cond else 0
         self.log(f"data: {self.data.describe()}")
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -249,7 +268,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.objective != "scd":
             return None
-        net, tcfg, meta = sample.load_run(cfg.teacher, device=self.proc.device)
+        try:
+            net, tcfg, meta = sample.load_run(cfg.teacher, device=self.proc.device)
+        except (OSError, ValueError, checkpoint.CheckpointError) as err:
+            raise SystemExit(f"--teacher {cfg.teacher}: {err}") from None
         if tcfg.objective != "diffusion":
             raise SystemExit(f"--teacher {cfg.teacher}: a TrigFlow diffusion teacher is needed, "
                              f"that run trained {tcfg.objective!r}")
@@ -271,7 +293,10 @@ class Trainer:
         if self.teacher is not None and source == cfg.teacher:
             state = self.teacher.state_dict()
         else:
-            state = sample.load_run(source, device=self.proc.device)[0].state_dict()
+            try:
+                state = sample.load_run(source, device=self.proc.device)[0].state_dict()
+            except (OSError, ValueError, checkpoint.CheckpointError) as err:
+                raise SystemExit(f"--init {source}: {err}") from None
         missing, unexpected = self.raw_net.load_state_dict(state, strict=False)
         if unexpected:
             raise SystemExit(f"--init {source}: weights do not fit this network (unexpected {unexpected[:5]})")
@@ -324,6 +349,10 @@ class Trainer:
         lr = lr_at(cfg, self.cur_nimg)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        if hasattr(self.net, "reducer"):
+            # DDP rebuilds its gradient buckets once, in the forward after the first backward; inside
+            # torch.func.jvp its new buckets are storage-less wrappers, so rebuild here, outside the transform.
+            self.net.reducer._rebuild_buckets()
         with _range("forward+jvp"):
             loss, stats = self.loss(x0, labels)
         if self.step + 1 in self.faults["nan"]:
@@ -420,7 +449,8 @@ class Trainer:
                 return 0
         if bar is not None:
             bar.close()
-        self.save_checkpoint()
+        if self.resumed_step != self.step:  # a finished run re-run only samples and evaluates again
+            self.save_checkpoint()
         self.finish()
         return 0
 
@@ -538,7 +568,11 @@ class Trainer:
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(staged / "dcp"))
 
     def _modules_for_dcp(self):
-        return [m for m in (self.raw_net, self.raw_logvar) if m is not None]
+        # one module: torch.distributed.checkpoint's get_state_dict/set_state_dict take a single nn.Module
+        mods = {"net": self.raw_net}
+        if self.raw_logvar is not None:
+            mods["logvar"] = self.raw_logvar
+        return torch.nn.ModuleDict(mods)
 
     def _meta(self):
         return {"config": self.cfg.to_dict(), "shape": list(self.data.shape), "num_classes": self.num_classes,
@@ -589,6 +623,7 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and proc.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], proc.device)
+        self.resumed_step = self.step
         self._truncate_stats()
         self.log(f"resumed from {path} at step {self.step} ({self.cur_nimg / 1000:g} kimg)")
 
@@ -671,7 +706,7 @@ class Trainer:
     def _maybe_kill(self):
         if (self.step + 1, self.proc.rank) in self.faults["kill"] and os.environ.get("TORCHELASTIC_RESTART_COUNT",
                                                                                       "0") == "0":
-            self.log(f"fault injection: killing rank {self.proc.rank} at step {self.step + 1}")
+            print(f"fault injection: killing rank {self.proc.rank} at step {self.step + 1}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -695,37 +730,68 @@ _PAPER_DATA = {"cifar10": ((3, 32, 32), 10), "imagenet64": ((3, 64, 64), 1000), 
 
 def dry_run(cfg, world_size):
     """Print the resolved config, parameter count and estimated memory per device."""
-    family = cfg.preset.split("-")[0]
-    if cfg.data == "digits":
-        shape, K = (1, cfg.img_size or 8, cfg.img_size or 8), 10
-    elif family in _PAPER_DATA and (not cfg.data or not Path(cfg.data).exists()):
-        shape, K = _PAPER_DATA[family]
-        shape = (shape[0], cfg.img_size or shape[1], cfg.img_size or shape[2])
-    else:
-        ds = data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
-        shape, K = ds.shape, ds.num_classes
+    shape, K = _dry_run_data(cfg)
+    K = K if cfg.class_cond else 0
+    build = lambda: sample.build_network(cfg, shape, K)  # noqa: E731
     with torch.device("meta"):
-        net = sample.build_network(cfg, shape, K if cfg.class_cond else 0)
+        net = build()
     n_params = sum(p.numel() for p in net.parameters())
-    tokens, hidden, depth = _model_dims(net, shape)
-    parts = config.estimate_memory(cfg, n_params, tokens, hidden, depth, world_size)
+    act, block_inputs = saved_activation_bytes(build, shape, K, cfg)
+    parts = config.estimate_memory(cfg, n_params, act, block_inputs, len(block_modules(net)), world_size)
     print(config.dumps(cfg))
     print(f"data shape {shape}, {K} classes; network {cfg.arch} {cfg.model}: {n_params:,} parameters "
           f"({n_params / 1e6:.1f} M)")
     print(f"estimated memory per device, world size {world_size}, {cfg.parallel}, {cfg.precision}, batch "
-          f"{cfg.batch // world_size} per device{', activation checkpointing' if cfg.act_ckpt else ''}:")
+          f"{max(cfg.batch // world_size, 1)} per device{', activation checkpointing' if cfg.act_ckpt else ''}:")
     for k, v in parts.items():
         print(f"  {k:<22} {config.format_bytes(v)}")
     return 0
 
 
-def _model_dims(net, shape):
-    """(tokens per image, width, blocks) for the activation estimate."""
-    if hasattr(net, "grid"):
-        return net.grid ** 2, net.cfg.hidden, net.cfg.depth
-    blocks = block_modules(net)
-    width = max((m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)), default=1)
-    return shape[1] * shape[2] // 4, width, max(len(blocks), 1)
+def _dry_run_data(cfg):
+    family = cfg.preset.split("-")[0]
+    if cfg.data == "digits":
+        return (1, cfg.img_size or 8, cfg.img_size or 8), 10
+    if family in _PAPER_DATA and (not cfg.data or not Path(cfg.data).exists()):
+        (C, H, W), K = _PAPER_DATA[family]
+        return (C, cfg.img_size or H, cfg.img_size or W), K
+    try:
+        ds = data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
+    except (OSError, ValueError) as err:
+        msg = str(err)
+        raise SystemExit(msg if msg.startswith("--data") else f"--data {cfg.data}: {msg}") from None
+    return ds.shape, ds.num_classes
+
+
+def saved_activation_bytes(build, shape, num_classes, cfg):
+    """(bytes autograd saves for backward per image, bytes of the blocks' inputs per image),
+    measured by running the network on fake tensors (no memory) under the run's autocast, for
+    batch 2 minus batch 1 (the weights that layers save cancel out)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+    counts = []
+    with FakeTensorMode():
+        net = build()
+        for b in (1, 2):
+            saved, inputs = [0], [0]
+            hooks = [m.register_forward_pre_hook(lambda _m, a: inputs.__setitem__(0, inputs[0] + _nbytes(a[0])))
+                     for m in block_modules(net)]
+            x, t = torch.empty(b, *shape), torch.full((b,), 0.5)
+            kw = {"labels": torch.zeros(b, dtype=torch.long)} if num_classes else {}
+            if cfg.objective == "scd":
+                kw["guidance"] = torch.ones(b)
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda v: saved.__setitem__(0, saved[0] + _nbytes(v)) or v, lambda v: v), \
+                    torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                net(x, t, **kw)
+            for h in hooks:
+                h.remove()
+            counts.append((saved[0], inputs[0]))
+    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
 def main(argv=None):
