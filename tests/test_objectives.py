@@ -123,6 +123,61 @@ def test_rearranged_jvp_equals_naive_in_fp64():
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-12)
 
 
+class EDMStyleNet(torch.nn.Module):
+    """F(x_in, t) conditioned the way many EDM-era networks are: c_noise = log(sigma_d tan t) / 4
+    (EDM's log(sigma) / 4) through Fourier features of scale 16. dc/dt = 1 / (4 sin t cos t) is
+    ~2500 at both ends of [1e-4, pi/2 - 1e-4], and the Fourier features multiply it by 2 pi f.
+    The time features are computed in fp32 (as scm_fast's models do [rCM]; t itself cannot be
+    held in fp16 near pi/2), the rest in the weights' dtype."""
+
+    def __init__(self, width=64, n_freq=16, scale=16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(n_freq, generator=torch.Generator().manual_seed(3)) * scale)
+        self.time = torch.nn.Linear(2 * n_freq, width)
+        self.inp = torch.nn.Linear(2, width)
+        self.out = torch.nn.Linear(width, 2)
+
+    def forward(self, x_in, t):
+        tt = t.float() if t.dtype != torch.float64 else t
+        c = torch.log(gmm.SIGMA_D * torch.tan(tt)) / 4
+        arg = 2 * math.pi * c[:, None] * self.freqs[None].to(tt)
+        feats = torch.cat([arg.cos(), arg.sin()], dim=1).to(self.time.weight.dtype)
+        h = torch.nn.functional.silu(self.inp(x_in.to(feats.dtype)) + self.time(feats))
+        return self.out(h)
+
+
+def test_rearranged_jvp_stays_finite_in_fp16_where_the_naive_tangent_overflows(monkeypatch):
+    """[P §4.2] In fp16 the naive tangent (dxdt / sigma_d, 1) makes dF/dt overflow (> 65504) near
+    t = 0 and t = pi/2; the rearranged tangent (cos t sin t dxdt, cos t sin t sigma_d) keeps every
+    intermediate tangent small. Both run through scm_loss on t in [1e-4, pi/2 - 1e-4]; the fp16
+    rearranged g matches the fp64 one."""
+    t_grid = torch.cat([torch.tensor([1e-4, 1e-3]), torch.linspace(0.05, math.pi / 2 - 0.05, 12),
+                        torch.tensor([math.pi / 2 - 1e-3, math.pi / 2 - 1e-4])]).double()
+    monkeypatch.setattr(objectives.trigflow, "sample_time", lambda n, *a, **k: t_grid[:n].to(a[-1] if a else None))
+    torch.manual_seed(0)
+    net = EDMStyleNet()
+    nets = {torch.float16: EDMStyleNet().half(), torch.float64: EDMStyleNet().double()}
+    nets[torch.float16].freqs.data = nets[torch.float16].freqs.float()  # a constant of the fp32 time path
+    for n in nets.values():
+        n.load_state_dict(net.state_dict())
+    x0 = gmm.sample(len(t_grid), torch.Generator().manual_seed(1), torch.float64)
+
+    def run(dtype, rearranged):
+        F = lambda x_in, t: nets[dtype](x_in, t)  # noqa: E731
+        cfg = objectives.SCMConfig(sigma_d=gmm.SIGMA_D, rearranged_jvp=rearranged, tangent_warmup=0)
+        with torch.no_grad():  # the tangent needs no graph; loss stats only (same fp64 data and noise)
+            _, stats = objectives.scm_loss(F, x0, 0, cfg, generator=torch.Generator().manual_seed(2))
+        return stats
+
+    exact = run(torch.float64, True)
+    rearranged, naive = run(torch.float16, True), run(torch.float16, False)
+    assert int(naive["nonfinite_tangent"]) > 0  # the naive fp16 tangent overflows ...
+    assert not torch.isfinite(naive["g_norm"][[0, 1, -2, -1]]).all()  # ... at the ends of the interval
+    assert int(rearranged["nonfinite_tangent"]) == 0 and torch.isfinite(rearranged["g_norm"]).all()
+    rel = (rearranged["g_norm"].double() - exact["g_norm"]).abs() / exact["g_norm"]
+    assert rel.max() < 2e-2, rel  # fp16 rounding (2^-11 per op) over a few dozen ops
+
+
 def test_tangent_normalisation():
     g = torch.randn(4, 3, 5, dtype=torch.float64)
     l2 = objectives.normalize_tangent(g, "l2", 0.1)
