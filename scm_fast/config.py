@@ -89,7 +89,7 @@ class TrainConfig:
     n_grid: int = 100                 # images per sample grid (rows of one image per class)
     eval_n: int = 1000                # samples for the final FD (digits classifier features); 0 = skip
     tensorboard: bool = True          # when tensorboard is installed
-    progress: bool = True             # tqdm bar on rank 0
+    progress: bool = True             # tqdm bar on rank 0 (when stderr is a terminal)
 
     @property
     def resolved_run_dir(self):

@@ -424,12 +424,15 @@ class Trainer:
         sample_every = config.steps_for(cfg.sample_every_kimg, cfg.batch) if cfg.sample_every_kimg else 0
         ckpt_every = config.steps_for(cfg.ckpt_every_kimg, cfg.batch) if cfg.ckpt_every_kimg else 0
         t_last, n_last = time.time(), self.cur_nimg
+        t_start, step_start = t_last, self.step
         while self.step < self.total_steps:
             self._maybe_kill()
             s = self.train_step()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{s['loss']:.4f}", refresh=False)
+            elif cfg.progress and self.step % max(1, self.total_steps // 20) == 0:
+                self._log_progress(s, t_start, step_start)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 now = time.time()
                 self._log_stats(s, (self.cur_nimg - n_last) / max(now - t_last, 1e-9))
@@ -678,6 +681,13 @@ class Trainer:
             for k in ("loss", "grad_norm", "lr", "images_per_s", "loss_scale", "memory_mib"):
                 self.tb.add_scalar(k, rec[k], self.cur_nimg)
 
+    def _log_progress(self, s, t_start, step_start):
+        """A progress line (when there is no terminal for the tqdm bar): step, kimg, loss, ETA."""
+        rate = (self.step - step_start) / max(time.time() - t_start, 1e-9)
+        eta = (self.total_steps - self.step) / max(rate, 1e-9)
+        self.log(f"step {self.step}/{self.total_steps} ({self.cur_nimg / 1000:g} kimg) loss {s['loss']:.4f} "
+                 f"grad norm {s['grad_norm']:.3g}, {rate:.2f} steps/s, ETA {eta / 60:.1f} min")
+
     def _truncate_stats(self):
         """Drop stats records newer than the resumed step (they belong to the interrupted attempt)."""
         path = self.run_dir / "stats.jsonl"
@@ -690,6 +700,8 @@ class Trainer:
 
     def _progress_bar(self):
         if self.proc.rank != 0 or not self.cfg.progress or self.step >= self.total_steps:
+            return None
+        if not sys.stderr.isatty():  # a log file gets stats.jsonl-style lines, not carriage returns
             return None
         from tqdm import tqdm
         return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
