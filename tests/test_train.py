@@ -463,3 +463,34 @@ def test_dry_run_imagenet512_scd_without_data():
     assert "world size 8, fsdp" in head and f"batch {cfg['batch'] // 8} per device" in head
     assert " ".join(mem["weights"]) == config.format_bytes(4 * n / 8)  # FSDP2 shards the weights
     assert "teacher (no grad)" in mem and "total" in mem
+
+
+def test_activation_checkpointing_gives_the_two_pass_step(tmp_path):
+    """--act-ckpt recomputes the blocks in the gradient pass, so the step runs two-pass (logged);
+    losses and grad norms equal a two-pass run without checkpointing, and the one-pass run's."""
+    runs = {}
+    for name, extra in (("ckpt", ["--act-ckpt"]), ("two_pass", ["--no-one-pass"]), ("one_pass", [])):
+        runs[name] = tmp_path / name
+        train(runs[name], "--total-kimg", f"{4 * KIMG_PER_STEP:g}", *extra)
+    assert "act_ckpt: the gradient pass is checkpointed" in log_text(runs["ckpt"])
+    for other in ("two_pass", "one_pass"):
+        assert_close_seq(stats(runs[other]), stats(runs["ckpt"]), "loss")
+        assert_close_seq(stats(runs[other]), stats(runs["ckpt"]), "grad_norm")
+
+
+def test_checkpointed_blocks_recompute_in_backward():
+    import torch
+    from scm_fast import train as train_mod
+    from scm_fast.models import DiT, dit_config
+    net = DiT(dit_config("tiny", img_size=4, in_channels=1, patch=1))
+    calls = []
+    for block in net.blocks:  # count calls of each block's own forward (the function checkpointing reruns)
+        def counted(*args, _forward=block.forward, **kwargs):
+            calls.append(1)
+            return _forward(*args, **kwargs)
+        block.forward = counted
+    train_mod.checkpoint_blocks(net)
+    out = net(torch.randn(2, 1, 4, 4), torch.tensor([0.3, 1.0]))
+    assert len(calls) == len(net.blocks)
+    out.square().sum().backward()
+    assert len(calls) == 2 * len(net.blocks)  # each block's forward ran again during backward
