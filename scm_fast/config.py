@@ -9,7 +9,6 @@ The presets named after the paper's runs (cifar10-*, imagenet64-*, imagenet512-*
 optimisation settings (scm-reference.md §2, §6) for users who bring that data (`--data PATH`).
 """
 import argparse
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, fields
@@ -298,17 +297,10 @@ def format_bytes(n):
     return f"{int(n)} B"
 
 
-def replace(cfg, **changes):
-    """A copy of cfg with fields changed (validated)."""
-    out = dataclasses.replace(cfg, **changes)
-    validate(out)
-    return out
-
-
 def steps_for(kimg, batch):
     # round first: 32.112 kimg / 16 is 2007.0000000000002 in floats, which must stay 2007 steps
     return max(1, math.ceil(round(kimg * 1000 / batch, 9)))
 
 
 __all__ = ["PRESETS", "TrainConfig", "build_parser", "diff", "dumps", "estimate_memory", "format_bytes",
-           "from_dict", "parse", "replace", "resolve", "steps_for", "validate"]
+           "from_dict", "parse", "resolve", "steps_for", "validate"]

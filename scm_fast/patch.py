@@ -115,7 +115,7 @@ def _check_dtypes(query, key, value):
 
 def _check_shapes(query, key, value, enable_gqa):
     """(B, Hq, Hk): how the leading dims fold into the fused op's (B, H) layout."""
-    (L, E), (S, Ek), (Sv, Ev) = query.shape[-2:], key.shape[-2:], value.shape[-2:]
+    E, (S, Ek), (Sv, Ev) = query.shape[-1], key.shape[-2:], value.shape[-2:]
     if E != Ek or S != Sv:
         raise _Defer("shape", "query/key head dims or key/value lengths differ", warn=False)
     if not (1 <= E <= MAX_HEAD_DIM and 1 <= Ev <= MAX_HEAD_DIM):
