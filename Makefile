@@ -1,4 +1,5 @@
 # make train      the embedded default: sCT on digits (CPU, a few minutes), sample grids and FD in runs/digits-sct
+# make reproduce  the paper's claims on digits: teacher, sCD, sCT (+ablations), FD tables and plots -> docs/results.md (<= 60 min)
 # make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
 # make test-slow  the larger cases too
 # make bench      CPU benchmarks (fused attention JVP and adaptive norm vs PyTorch) and the GPU kernel build report
@@ -9,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scm_fast-installed
 
-.PHONY: install train test test-slow bench report asan gpu-check clean
+.PHONY: install train reproduce test test-slow bench report asan gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m scm_fast.train $(ARGS)
+
+reproduce: $(STAMP)
+	$(PY) -m pip install -q matplotlib
+	$(PY) -m scm_fast.reproduce $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m scm_fast.info
