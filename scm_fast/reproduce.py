@@ -786,7 +786,7 @@ def main(argv=None):
     summary = {"quick": args.quick, "n": n, "probe_batches": 4, "floor": data_floor(),
                "spread_seeds": 1 + len(offsets),
                "runs": run_all(runs, args.runs_dir, n, offsets, args.threads, timings, log, trained),
-               "command": "python -m scm_fast.reproduce " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": " ".join(["python -m scm_fast.reproduce", *(argv if argv is not None else sys.argv[1:])]),
                "machine": machine(load_start), "date": started}
     summary["grids"] = copy_grids([r for r in runs if r.group == "main"], args.runs_dir, args.out / "results")
     write_plots(summary, args.out / "results")
