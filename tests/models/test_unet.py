@@ -10,6 +10,7 @@ from scm_fast.models import UNET_PRESETS, UNet, UNetConfig, unet_config, use_pyt
 from scm_fast.models.unet import UNetAttention
 from scm_fast.nn import Conv2d
 from scm_fast.ops import use_backend
+from test_dit import inputs  # the same (x, t, tx, tt) as the DiT's tangent tests
 
 PAPER_PARAMS = {"S": 280e6, "M": 498e6, "L": 778e6, "XL": 1119e6, "XXL": 1523e6}  # [P §5]
 
@@ -180,13 +181,6 @@ def randomised(cfg, seed=0):
             torch.nn.init.normal_(m.q_norm.weight, 1.0, 0.2)
             torch.nn.init.normal_(m.k_norm.weight, 1.0, 0.2)
     return model
-
-
-def inputs(dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 2, 8, 8, generator=g, dtype=dtype)
-    t = torch.tensor([0.3, 1.2], dtype=dtype)
-    return x, t, torch.randn(x.shape, generator=g, dtype=dtype), torch.tensor([0.7, 0.4], dtype=dtype)
 
 
 def model_jvp(model, x, t, tx, tt):
