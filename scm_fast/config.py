@@ -39,6 +39,7 @@ class TrainConfig:
     model: str = "digits"             # a DiT preset (digits, tiny, S, B, L, XL, XXL) or a U-Net preset
     patch: int = 0                    # DiT patch size; 0 = 2 (1 for images below 8 px or of odd size)
     dropout: float = 0.0              # U-Net only
+    dropout_res: int = 0              # U-Net: dropout only at resolutions <= this (the paper's CMs: 16); 0 = all
     # objective (scm-reference.md §2-§3, §8)
     objective: str = "sct"
     teacher: str = ""                 # sCD: the teacher's run dir or checkpoint dir
@@ -57,6 +58,7 @@ class TrainConfig:
     guidance_min: float = 1.0         # sCD: s ~ U[min, max], the teacher's CFG scale and a student input
     guidance_max: float = 2.0
     sample_guidance: float = 1.5      # sCD student's s, and the teacher's CFG scale, when sampling
+    t_mid: float = 1.1                # the 2-step sampler's intermediate time [P §5.2]
     # optimisation (scm-reference.md §6)
     batch: int = 128                  # global batch (images per step over all ranks)
     total_kimg: float = 120.0
@@ -98,50 +100,82 @@ class TrainConfig:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
 
-_DIGITS = dict(data="digits", arch="dit", model="digits", batch=128, total_kimg=150.0, lr=1e-3,
-               optimizer="radam", ema="halflife", ema_halflife_kimg=10.0, sample_every_kimg=50.0,
-               ckpt_every_kimg=25.0)
-# Digits runs were tuned on this 2-core CPU (FD of 1000 samples in the digits classifier's features;
-# two halves of the data set score ~11.5): sCT at lr 2e-3 reached FD 273, at 1e-3 FD 43 (100 kimg);
-# sCD from a 100 kimg teacher (FD 20 at NFE 35) FD 71 at lr 2e-3 and 21.5 at 5e-4 (60 kimg).
+def _kimg(iterations, batch):
+    """Training length in kimg from the paper's iteration counts."""
+    return iterations * batch / 1000
+
+
+# ---- the embedded default: digits (8x8, 10 classes) on a CPU in a few minutes ----------------------
+# Tuned on this 2-core CPU, one training seed per setting (benchmarks/NOTES.md §17; FD of 1000 samples
+# in the digits classifier's features, two halves of the data set score ~10):
+# - sigma_d = 0.75, the digits' measured std (pixels in [-1, 1]; the paper's 0.5 is CIFAR's).
+# - sCT from scratch at P_mean -1.4: FD 1 / 2 steps 105 / 128 at -0.6, 58 / 61 at -1.0 (the paper's),
+#   28 / 25 at -1.4, 31 / 26 at -1.8 (100 kimg).
+# - Runs from the teacher fine-tune at a fraction of its lr [P App. G: CIFAR-10 0.1x, ImageNet 0.01x]
+#   with a power-function EMA (sigma_rel 0.05, no rampup: the start is already good): sCD at 2e-4
+#   (0.1x; 2-step FD 19.7 vs 20.5 at 1e-4, teacher 18.8, 40 kimg), sCT from the teacher at 1e-4 (0.05x;
+#   2 steps 14.9; at 2e-4 its raw weights jumped from 18 to 41 after the warmup, its EMA held 14).
+_DIGITS = dict(data="digits", arch="dit", model="digits", batch=128, sigma_d=0.75, optimizer="radam",
+               ema="halflife", ema_halflife_kimg=10.0, sample_every_kimg=50.0, ckpt_every_kimg=25.0)
+_DIGITS_FINETUNE = dict(_DIGITS, P_mean=-1.0, P_std=1.4, tangent_warmup=200, total_kimg=40.0, ema="power",
+                        ema_sigma_rels=(0.05,), ema_rampup=0.0, sample_every_kimg=0.0, ckpt_every_kimg=10.0)
+
+# ---- the paper's settings [P App. G] for users who bring the data ------------------------------------
+# CIFAR-10 [P §G.1]: unconditional; the paper's network is DDPM++ with the TrigFlow changes, ours the
+# EDM2-layout U-Net S. Teacher: "the same settings as EDM" (Adam lr 1e-3, betas 0.9/0.999, dropout
+# 0.13, 400k iterations at batch 512; EDM's P_mean/P_std -1.2/1.2, lr rampup 10 Mimg, EMA half-life
+# 0.5 Mimg with rampup 0.05). CMs: RAdam lr 1e-4, betas 0.9/0.99, no schedule, EMA half-life 0.5 Mimg,
+# dropout 0.20 (sCT) / 0 (sCD), initialised from the teacher's EMA; their length is not stated (400k
+# iterations, as the teacher).
+_CIFAR = dict(data="", arch="unet", model="S", img_size=32, class_cond=False, batch=512, sigma_d=0.5,
+              ema="halflife", ema_halflife_kimg=500.0, total_kimg=_kimg(400_000, 512))
+_CIFAR_CM = dict(_CIFAR, P_mean=-1.0, P_std=1.4, optimizer="radam", lr=1e-4, betas=(0.9, 0.99), eps=1e-8,
+                 ema_rampup=0.0, tangent_warmup=10_000, init="runs/cifar10-teacher")
+# ImageNet 64 (size S) [P Table 4]: EDM2 config G with Adam eps 1e-11: batch 2048, betas 0.9/0.99,
+# inverse-sqrt lr with t_ref 35k iterations, fp16; teacher alpha_ref 1e-2, 1048k iterations, dropout 0,
+# P_mean/P_std -0.8/1.6 (EDM2's 10 Mimg lr rampup and power EMA sigma_rel 0.05/0.10). CMs: 0.01x the
+# teacher's lr, P_mean/P_std -1.0/1.6, 400k iterations, sCT dropout 0.45 at resolutions <= 16, sCD 0,
+# sampled with the sigma_rel 0.05 EMA. Label dropout / CFG at 64 px: not stated (EDM2 uses none).
+_IN64 = dict(data="", arch="unet", model="S", img_size=64, batch=2048, sigma_d=0.5, optimizer="adam",
+             betas=(0.9, 0.99), eps=1e-11, lr_schedule="isqrt", lr_ref_kimg=_kimg(35_000, 2048), precision="fp16",
+             ema="power", label_dropout=0.0)
+_IN64_CM = dict(_IN64, P_mean=-1.0, P_std=1.6, lr=1e-4, ema_sigma_rels=(0.05,), tangent_warmup=10_000,
+                total_kimg=_kimg(400_000, 2048), guidance_min=1.0, guidance_max=1.0)
+# ImageNet 512 latents (size XXL) [P Table 5]: as ImageNet 64 but t_ref 70k iterations; teacher alpha_ref
+# 6.5e-3, 376k iterations, dropout 0.1, P_mean/P_std -0.4/1.0, label dropout 0.1 (CFG 1.2 for FID).
+# CMs: alpha_ref 6.5e-5, P_mean/P_std -0.8/1.6; sCT 100k iterations, dropout 0.35 at <= 16 px; sCD 200k
+# iterations, dropout 0.1 at <= 16 px, s ~ U[1, 2], sampled at s = 1.3 (1 step; 2 steps: 1.2).
+_IN512 = dict(_IN64, model="XXL", lr_ref_kimg=_kimg(70_000, 2048), parallel="fsdp", label_dropout=0.1)
+_IN512_CM = dict(_IN512, P_mean=-0.8, P_std=1.6, lr=6.5e-5, ema_sigma_rels=(0.05,), tangent_warmup=10_000,
+                 dropout_res=16, init="runs/imagenet512-teacher")
+
 PRESETS = {
-    # the embedded default: digits (8x8, 10 classes) on a CPU in a few minutes
-    "digits-sct": dict(_DIGITS, objective="sct", P_mean=-1.0, P_std=1.4, tangent_warmup=200),
+    "digits-sct": dict(_DIGITS, objective="sct", P_mean=-1.4, P_std=1.4, lr=1e-3, total_kimg=150.0,
+                       tangent_warmup=200),
     "digits-teacher": dict(_DIGITS, objective="diffusion", P_mean=-0.8, P_std=1.6, label_dropout=0.1, lr=2e-3,
                            total_kimg=100.0),
-    "digits-scd": dict(_DIGITS, objective="scd", teacher="runs/digits-teacher", P_mean=-1.0, P_std=1.4,
-                       tangent_warmup=200, lr=5e-4, total_kimg=60.0, sample_every_kimg=0.0),
-    "digits-meanflow": dict(_DIGITS, objective="meanflow", P_mean=-0.4, P_std=1.0),
-    # the paper's settings [P App. G] for users who bring the data
-    "cifar10-teacher": dict(data="", arch="unet", model="S", img_size=32, objective="diffusion", P_mean=-0.8,
-                            P_std=1.6, optimizer="radam", lr=1e-4, eps=1e-8, batch=512, dropout=0.2,
-                            ema="halflife", ema_halflife_kimg=500.0, total_kimg=200_000.0),
-    "cifar10-sct": dict(data="", arch="unet", model="S", img_size=32, objective="sct", P_mean=-1.0, P_std=1.4,
-                        optimizer="radam", lr=1e-4, eps=1e-8, batch=512, dropout=0.2, ema="halflife",
-                        ema_halflife_kimg=500.0, tangent_warmup=10_000, total_kimg=200_000.0),
-    "cifar10-scd": dict(data="", arch="unet", model="S", img_size=32, objective="scd", P_mean=-1.0, P_std=1.4,
-                        optimizer="radam", lr=1e-4, eps=1e-8, batch=512, dropout=0.0, ema="halflife",
-                        ema_halflife_kimg=500.0, tangent_warmup=10_000, total_kimg=200_000.0),
-    "imagenet64-sct": dict(data="", arch="unet", model="S", img_size=64, objective="sct", P_mean=-1.0, P_std=1.6,
-                           optimizer="adam", lr=1e-4, eps=1e-11, batch=2048, lr_schedule="isqrt",
-                           lr_ref_kimg=2048 * 35_000 / 1000, precision="fp16", ema="power",
-                           ema_sigma_rels=(0.05,), tangent_warmup=10_000, total_kimg=400_000.0),
-    "imagenet64-scd": dict(data="", arch="unet", model="S", img_size=64, objective="scd", P_mean=-1.0, P_std=1.6,
-                           optimizer="adam", lr=1e-4, eps=1e-11, batch=2048, lr_schedule="isqrt",
-                           lr_ref_kimg=2048 * 35_000 / 1000, precision="fp16", ema="power",
-                           ema_sigma_rels=(0.05,), tangent_warmup=10_000, total_kimg=200_000.0),
-    "imagenet512-sct": dict(data="", arch="unet", model="XXL", img_size=64, objective="sct", P_mean=-0.8,
-                            P_std=1.6, optimizer="adam", lr=6.5e-5, eps=1e-11, batch=2048, lr_schedule="isqrt",
-                            lr_ref_kimg=2048 * 35_000 / 1000, precision="fp16", ema="power",
-                            ema_sigma_rels=(0.05,), tangent_warmup=10_000, parallel="fsdp",
-                            total_kimg=400_000.0),
-    "imagenet512-scd": dict(data="", arch="unet", model="XXL", img_size=64, objective="scd", P_mean=-0.8,
-                            P_std=1.6, optimizer="adam", lr=6.5e-5, eps=1e-11, batch=2048, lr_schedule="isqrt",
-                            lr_ref_kimg=2048 * 35_000 / 1000, precision="fp16", ema="power",
-                            ema_sigma_rels=(0.05,), tangent_warmup=10_000, parallel="fsdp",
-                            total_kimg=200_000.0),
+    "digits-sct-ft": dict(_DIGITS_FINETUNE, objective="sct", lr=1e-4, init="runs/digits-teacher"),
+    "digits-scd": dict(_DIGITS_FINETUNE, objective="scd", lr=2e-4, teacher="runs/digits-teacher"),
+    "digits-meanflow": dict(_DIGITS, objective="meanflow", P_mean=-0.4, P_std=1.0, lr=1e-3, total_kimg=150.0),
+    "cifar10-teacher": dict(_CIFAR, objective="diffusion", label_dropout=0.0, P_mean=-1.2, P_std=1.2,
+                            optimizer="adam", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, dropout=0.13,
+                            lr_rampup_kimg=10_000.0, ema_rampup=0.05),
+    "cifar10-sct": dict(_CIFAR_CM, objective="sct", dropout=0.2),
+    "cifar10-scd": dict(_CIFAR_CM, objective="scd", dropout=0.0, teacher="runs/cifar10-teacher",
+                        guidance_min=1.0, guidance_max=1.0),
+    "imagenet64-teacher": dict(_IN64, objective="diffusion", P_mean=-0.8, P_std=1.6, lr=1e-2, dropout=0.0,
+                               lr_rampup_kimg=10_000.0, ema_sigma_rels=(0.05, 0.10),
+                               total_kimg=_kimg(1_048_000, 2048)),
+    "imagenet64-sct": dict(_IN64_CM, objective="sct", dropout=0.45, dropout_res=16, init="runs/imagenet64-teacher"),
+    "imagenet64-scd": dict(_IN64_CM, objective="scd", dropout=0.0, teacher="runs/imagenet64-teacher"),
+    "imagenet512-teacher": dict(_IN512, objective="diffusion", P_mean=-0.4, P_std=1.0, lr=6.5e-3, dropout=0.1,
+                                lr_rampup_kimg=10_000.0, ema_sigma_rels=(0.05, 0.10), sample_guidance=1.2,
+                                total_kimg=_kimg(376_000, 2048)),
+    "imagenet512-sct": dict(_IN512_CM, objective="sct", dropout=0.35, total_kimg=_kimg(100_000, 2048)),
+    "imagenet512-scd": dict(_IN512_CM, objective="scd", dropout=0.1, teacher="runs/imagenet512-teacher",
+                            guidance_min=1.0, guidance_max=2.0, sample_guidance=1.3,
+                            total_kimg=_kimg(200_000, 2048)),
 }
-# The paper's ImageNet teachers use P_mean -0.8 / -0.4 (§2); the digits teacher preset covers small runs.
 
 _CHOICES = dict(objective=OBJECTIVES, arch=ARCHS, optimizer=OPTIMIZERS, precision=PRECISIONS,
                 lr_schedule=LR_SCHEDULES, ema=EMAS, parallel=PARALLELS, tangent_norm=("l2", "rms", "none"),
@@ -161,12 +195,14 @@ def validate(cfg, for_run=True):
             raise ValueError(f"--{_flag(name)} must be > 0; got {getattr(cfg, name)!r}")
     non_negative = ("weight_decay", "grad_clip", "tangent_warmup", "tangent_norm_c", "img_size", "patch",
                     "dropout", "lr_ref_kimg", "lr_rampup_kimg", "sample_every_kimg", "ckpt_every_kimg",
-                    "eval_n", "n_grid", "threads", "ema_halflife_kimg", "ema_rampup")
+                    "eval_n", "n_grid", "threads", "ema_halflife_kimg", "ema_rampup", "dropout_res")
     for name in non_negative:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{_flag(name)} must be >= 0; got {getattr(cfg, name)!r}")
     if not 0 <= cfg.label_dropout < 1 or not 0 <= cfg.dropout < 1:
         raise ValueError(f"--label-dropout and --dropout must be in [0, 1); got {cfg.label_dropout}, {cfg.dropout}")
+    if not 0 < cfg.t_mid < math.pi / 2:
+        raise ValueError(f"--t-mid must be in (0, pi/2); got {cfg.t_mid!r}")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         raise ValueError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.99; got {cfg.betas}")
     if cfg.guidance_min > cfg.guidance_max or cfg.guidance_min < 0:

@@ -61,9 +61,14 @@ def make_grid(x, nrow=None, pad=1):
     return grid
 
 
-def save_grid(path, x, nrow=None):
-    """Write the images x (N, C, H, W) in [-1, 1] as one PNG grid (see make_grid) to `path`."""
-    write_png(path, make_grid(x, nrow=nrow))
+def save_grid(path, x, nrow=None, min_size=32):
+    """Write the images x (N, C, H, W) in [-1, 1] as one PNG grid (see make_grid) to `path`, upscaled
+    by an integer factor (nearest neighbour) so that each image is at least min_size pixels tall:
+    an 8x8 digit is 4x4 screen pixels per pixel, not a speck. Returns the factor."""
+    scale = max(1, math.ceil(min_size / x.shape[-2]))
+    grid = make_grid(x, nrow=nrow)
+    write_png(path, grid.repeat(scale, axis=0).repeat(scale, axis=1))
+    return scale
 
 
 # ----------------------------------------------------------------------------- PNG writer

@@ -14,8 +14,10 @@ The consistency step (sCT / sCD) [P Alg. 1]:
 In one-pass mode a single forward under torch.func.jvp yields F with its autograd graph and T;
 two-pass mode runs the JVP without grad, then a second forward with grad (what public trainers do).
 """
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from scm_fast import trigflow
@@ -61,6 +63,28 @@ def weighted_loss(err_sq, logvar):
         return per_sample.mean()
     logvar = logvar.to(per_sample.dtype).reshape(-1)
     return (torch.exp(-logvar) * per_sample + logvar).mean()
+
+
+def initial_logvar(objective, tangent_norm, n_dims, sigma_d=0.5, P_mean=-1.0, P_std=1.4, c=0.1):
+    """Where the adaptive weight settles before the network learns: exp(-lv) e + lv is smallest at
+    lv = log e, e = mean_D(err^2) of the untrained network (F = 0: the DiT's and U-Net's init).
+    - diffusion: err = F - v_t / sigma_d, so e = 1 when sigma_d is the data's std -> 0.
+    - sCT: F - F^- = 0 in value, so err = the normalised g, and g = cos^2 t dxdt during the warmup
+      (F = 0, r ~ 0) with E[dxdt^2] = sigma_d^2: ||g|| ~ a sqrt(D) (L2) or a (RMS), a = sigma_d cos^2 t,
+      and e = E_t[ ||g||^2 / (||g|| + c)^2 ] / D (L2), E_t[ a^2 / (a + c)^2 ] (RMS), E_t[a^2] (none),
+      over the training times [P Alg. 1]. L2 gives about -log D (-4.2 on 8x8 digits).
+    - sCD starts from the teacher, so its g is smaller than sCT's: the same value is an upper bound
+      that the head lowers from (never the ~D-fold climb in weight that starting at 0 gives with L2).
+    """
+    if objective == "diffusion":
+        return 0.0
+    if tangent_norm not in ("l2", "rms", "none"):
+        raise ValueError(f"tangent_norm must be 'l2', 'rms' or 'none', got {tangent_norm!r}")
+    z, w = np.polynomial.hermite_e.hermegauss(64)  # E over tau ~ N(P_mean, P_std^2)
+    a = sigma_d * np.cos(np.arctan(np.exp(P_mean + P_std * z) / sigma_d)) ** 2
+    k = {"l2": math.sqrt(n_dims), "rms": 1.0, "none": 0.0}[tangent_norm]
+    e = a ** 2 if k == 0 else (k * a) ** 2 / (k * a + c) ** 2 / k ** 2
+    return math.log(float(np.sum(w * e) / np.sum(w)))
 
 
 # ---- teachers: TrigFlow diffusion ------------------------------------------------------------

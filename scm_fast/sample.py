@@ -1,8 +1,9 @@
 """Sampling from a trained run: `python -m scm_fast.sample --ckpt RUN_OR_CKPT --steps 1|2|K ...`.
 
-Consistency models (sCT, sCD) sample in 1, 2 or K steps [P §5.2]: x = sigma_d eps at t_max, then
-x0 = f(x, t_i) and re-noise to t_{i+1}; 2 steps use t_mid = 1.1, 4 steps SANA-Sprint's
-(t_max, 1.3, 1.1, 0.6), other K need --times. TrigFlow teachers run the PF-ODE (Heun, K steps,
+Consistency models (sCT, sCD) sample in 1, 2 or K steps [P §5.2]: x = sigma_d eps at
+t_max = arctan(80 / sigma_d), then x0 = f(x, t_i) and re-noise to t_{i+1}; 2 steps go through the
+run's t_mid (the paper's 1.1 unless the run set --t-mid), 4 steps SANA-Sprint's (t_max, 1.3, 1.1, 0.6),
+other K need --times. TrigFlow teachers run the PF-ODE (Heun, K steps,
 NFE = 2K - 1) with classifier-free guidance. MeanFlow models take K uniform average-velocity steps
 from t = 1 to 0. Writes OUTDIR/grid.png, OUTDIR/images/NNNNNN.png and OUTDIR/samples.npz
 (images uint8 (N, H, W, C), labels int64).
@@ -19,8 +20,6 @@ import torch
 from scm_fast import checkpoint, config, images, trigflow
 from scm_fast.models import DiT, UNet, dit_config, unet_config
 
-T_SCHEDULES = {1: (trigflow.T_MAX,), 2: (trigflow.T_MAX, trigflow.T_MID), 4: (trigflow.T_MAX, 1.3, 1.1, 0.6)}
-
 
 # ---- networks from run directories ----------------------------------------------------------
 def build_network(cfg, shape, num_classes):
@@ -33,7 +32,7 @@ def build_network(cfg, shape, num_classes):
               guidance_embed=cfg.objective == "scd", second_time=cfg.objective == "meanflow")
     if cfg.arch == "dit":
         return DiT(dit_config(cfg.model, patch=cfg.patch or (2 if H % 2 == 0 and H >= 8 else 1), **kw))
-    return UNet(unet_config(cfg.model, dropout=cfg.dropout, **kw))
+    return UNet(unet_config(cfg.model, dropout=cfg.dropout, dropout_res=cfg.dropout_res, **kw))
 
 
 def resolve_checkpoint(path):
@@ -121,14 +120,16 @@ def _sample(F, cfg, noise, steps, times, gen):
         return trigflow.ode_sample(F, noise, steps=steps or 18, solver="heun", sigma_d=cfg.sigma_d)
     if cfg.objective == "meanflow":
         return meanflow_sample(F, noise, steps or 1)
-    ts = times or consistency_times(steps or 1)
+    ts = times or consistency_times(steps or 1, cfg.sigma_d, cfg.t_mid)
     return trigflow.consistency_sample(F, noise, ts, sigma_d=cfg.sigma_d, generator=gen)
 
 
-def consistency_times(steps):
-    if steps not in T_SCHEDULES:
+def consistency_times(steps, sigma_d=trigflow.SIGMA_D, t_mid=trigflow.T_MID):
+    """(t_max(sigma_d), ...): 1 step; 2 steps through t_mid [P §5.2]; SANA-Sprint's 4 steps."""
+    later = {1: (), 2: (t_mid,), 4: (1.3, 1.1, 0.6)}
+    if steps not in later:
         raise ValueError(f"--steps {steps} has no default schedule (1, 2 and 4 do): pass --times t_max,...")
-    return T_SCHEDULES[steps]
+    return (trigflow.t_max(sigma_d), *later[steps])
 
 
 @torch.no_grad()

@@ -201,11 +201,12 @@ class Trainer:
         self._prepare_run_dir()
         self.num_classes = self.data.num_classes if cfg.class_cond else 0
         self.log(f"data: {self.data.describe()}")
+        self._check_sigma_d()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.raw_net = sample.build_network(cfg, self.data.shape, self.num_classes).to(proc.device)
         self.teacher = self._load_teacher()
         self._init_weights()
-        self.raw_logvar = AdaptiveWeight().to(proc.device) if cfg.adaptive_weight else None
+        self.raw_logvar = self._build_logvar()
         n_params = sum(p.numel() for p in self.raw_net.parameters())
         self.log(f"network: {cfg.arch} {cfg.model}, {n_params / 1e6:.2f} M parameters; objective {cfg.objective}; "
                  f"world size {proc.world} ({cfg.parallel}); device {proc.device}; precision {cfg.precision}")
@@ -247,6 +248,16 @@ class Trainer:
             os.replace(tmp, saved)
             self.log_file = open(self.run_dir / "log.txt", "a")
         self.proc.barrier()
+
+    def _check_sigma_d(self, n=512):
+        """sigma_d is the data's std [P §3]: log the std of n evenly spaced samples, warn when it is off
+        by more than 25% (TrigFlow's noise levels, t_max and the teacher's F scale all assume it)."""
+        idx = torch.linspace(0, len(self.data) - 1, min(n, len(self.data))).long()
+        std = self.data.get_batch(idx)[0].float().std().item()
+        msg = f"data std {std:.3f} ({len(idx)} samples), --sigma-d {self.cfg.sigma_d:g}"
+        if not 0.8 <= std / self.cfg.sigma_d <= 1.25:
+            msg = f"warning: {msg}: set --sigma-d to the data's std (or rescale the data)"
+        self.log(msg)
 
     def _wrap(self, module):
         if module is None:
@@ -306,6 +317,17 @@ class Trainer:
             torch.nn.init.zeros_(guidance.mlp[2].bias)
         self.log(f"initialised from {source} ({len(state) - len(unexpected)} tensors; new: {len(missing)})")
 
+    def _build_logvar(self):
+        """The adaptive weight head, started at its equilibrium for this objective and tangent norm."""
+        cfg = self.cfg
+        if not cfg.adaptive_weight:
+            return None
+        init = objectives.initial_logvar(cfg.objective, cfg.tangent_norm, math.prod(self.data.shape), cfg.sigma_d,
+                                         cfg.P_mean, cfg.P_std, cfg.tangent_norm_c)
+        self.log(f"adaptive weight: logvar(t) starts at {init:.3f} (its equilibrium for {cfg.objective}, tangent "
+                 f"norm {cfg.tangent_norm})")
+        return AdaptiveWeight(init_logvar=init).to(self.proc.device)
+
     def _ema_tensors(self):
         """name -> tensor of the network's weights (local shards under FSDP2)."""
         out = {}
@@ -361,8 +383,8 @@ class Trainer:
             (loss * self.scaler.scale).backward()
         summary = self._reduce_stats(loss, stats)
         with _range("optimizer"):
-            grad_norm = self._unscale_and_clip()
-            finite = math.isfinite(summary["loss"]) and math.isfinite(grad_norm)
+            grad_norm, grad_norm_logvar = self._unscale_and_clip()
+            finite = all(map(math.isfinite, (summary["loss"], grad_norm, grad_norm_logvar)))
             if finite:
                 self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -378,7 +400,7 @@ class Trainer:
             self.nonfinite_in_a_row += 1
             self.log(f"step {self.step}: non-finite loss ({summary['loss']}) or grad norm ({grad_norm}); "
                      f"step skipped ({self.skipped} so far, {self.nonfinite_in_a_row} in a row)")
-        summary.update(grad_norm=grad_norm, lr=lr)
+        summary.update(grad_norm=grad_norm, grad_norm_logvar=grad_norm_logvar, lr=lr)
         return summary
 
     def _reduce_stats(self, loss, stats):
@@ -396,14 +418,17 @@ class Trainer:
         return {"loss": (packed[0] / self.proc.world).item(), "loss_per_t": per_bucket}
 
     def _unscale_and_clip(self):
+        """(the network's global grad norm, the weight head's). --grad-clip clips the network's
+        gradient; the head's (129 numbers, large while logvar moves) is reported apart so that it
+        neither hides the network's norm in the log nor shrinks the network's step."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.scaler.enabled:
             torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        norm = torch.nn.utils.clip_grad_norm_(list(self.net.parameters()), max_norm, foreach=True)
+        head = (torch.nn.utils.clip_grad_norm_(list(self.logvar.parameters()), float("inf"), foreach=True)
+                if self.logvar is not None else torch.zeros(()))
+        return tuple(float(n.full_tensor() if hasattr(n, "full_tensor") else n) for n in (norm, head))
 
     def _update_ema(self):
         if self.ema is None:
@@ -672,13 +697,14 @@ class Trainer:
         if self.proc.rank != 0:
             return
         rec = {"step": self.step, "kimg": self.cur_nimg / 1000, "loss": s["loss"], "loss_per_t": s["loss_per_t"],
-               "grad_norm": s["grad_norm"], "lr": s["lr"], "images_per_s": images_per_s,
+               "grad_norm": s["grad_norm"], "grad_norm_logvar": s["grad_norm_logvar"], "lr": s["lr"],
+               "images_per_s": images_per_s,
                "skipped": self.skipped, "loss_scale": self.scaler.scale, "memory_mib": _memory_mib(self.proc.device),
                "time": time.time()}
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
-            for k in ("loss", "grad_norm", "lr", "images_per_s", "loss_scale", "memory_mib"):
+            for k in ("loss", "grad_norm", "grad_norm_logvar", "lr", "images_per_s", "loss_scale", "memory_mib"):
                 self.tb.add_scalar(k, rec[k], self.cur_nimg)
 
     def _log_progress(self, s, t_start, step_start):

@@ -13,8 +13,16 @@ import math
 import torch
 
 SIGMA_D = 0.5
-T_MAX = math.atan(80.0 / SIGMA_D)  # ~1.5646: sampling starts at sigma = 80 (EDM's sigma_max)
-T_MID = 1.1                        # the 2-step sampler's intermediate time [P §5.2]
+SIGMA_MAX = 80.0  # EDM's sigma_max: consistency sampling starts at t_max = arctan(sigma_max / sigma_d) [P §5.2]
+T_MID = 1.1       # the 2-step sampler's intermediate time [P §5.2]
+
+
+def t_max(sigma_d=SIGMA_D):
+    """arctan(sigma_max / sigma_d): ~1.5646 at sigma_d = 0.5, ~1.5614 at 0.75."""
+    return math.atan(SIGMA_MAX / sigma_d)
+
+
+T_MAX = t_max(SIGMA_D)
 
 
 def bcast(t, x):
@@ -138,9 +146,11 @@ def cfg(F, guidance=None, cond_key="labels", null=None):
 
 
 @torch.no_grad()
-def consistency_sample(F, noise, times=(T_MAX,), sigma_d=SIGMA_D, generator=None, **cond):
+def consistency_sample(F, noise, times=None, sigma_d=SIGMA_D, generator=None, **cond):
     """K-step consistency sampling: x = sigma_d noise at times[0]; x0 = f(x, t_i); re-noise to
-    t_{i+1} with fresh noise. times=(T_MAX,) is 1 step, (T_MAX, T_MID) the paper's 2 steps."""
+    t_{i+1} with fresh noise. times=None is 1 step from t_max(sigma_d); (t_max(sigma_d), T_MID) is
+    the paper's 2 steps."""
+    times = (t_max(sigma_d),) if times is None else times
     x = sigma_d * noise
     B = noise.shape[0]
     for i, t_i in enumerate(times):
@@ -162,7 +172,7 @@ def edm_time_steps(n, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_d=SIGMA_D)
 
 @torch.no_grad()
 def ode_sample(F, noise, steps=18, solver="heun", sigma_d=SIGMA_D, **cond):
-    """The teacher's PF-ODE sampler from T_MAX to 0 on EDM's time grid (converted to TrigFlow).
+    """The teacher's PF-ODE sampler from t_max(sigma_d) to 0 on EDM's time grid (converted to TrigFlow).
     heun: EDM's 2nd-order Heun (NFE = 2 steps - 1); dpm2: DPM-Solver-2S, the exact DDIM step taken
     with F at the log-SNR midpoint t_m = arctan(sqrt(tan s tan t)) (NFE = 2 steps - 1, the last step
     to t = 0 first-order)."""

@@ -155,8 +155,14 @@ def test_make_grid_shape_and_padding():
 
 def test_save_grid_read_image(tmp_path, no_pillow):
     x = torch.rand(3, 3, 5, 5) * 2 - 1
-    save_grid(tmp_path / "g" / "grid.png", x, nrow=3)
+    assert save_grid(tmp_path / "g" / "grid.png", x, nrow=3, min_size=1) == 1
     np.testing.assert_array_equal(read_image(tmp_path / "g" / "grid.png"), make_grid(x, nrow=3))
+    # 5 px images, at least 32 px on screen: every pixel of the grid becomes a 7x7 block (nearest)
+    assert save_grid(tmp_path / "big.png", x, nrow=3) == 7
+    big, small = read_image(tmp_path / "big.png"), make_grid(x, nrow=3)
+    assert big.shape[:2] == (small.shape[0] * 7, small.shape[1] * 7)
+    np.testing.assert_array_equal(big[::7, ::7], small)
+    np.testing.assert_array_equal(big[6::7, 6::7], small)
     write_png(tmp_path / "rgba.png", _rand_u8((3, 4, 4)))
     assert read_image(tmp_path / "rgba.png").shape == (3, 4, 3)  # alpha dropped
     write_png(tmp_path / "ga.png", _rand_u8((3, 4, 2)))

@@ -256,3 +256,49 @@ def test_scd_draws_one_guidance_scale_per_sample_for_teacher_and_student():
     s = seen["student"]
     assert s.shape == (4,) and ((s >= 1) & (s <= 2)).all() and s.unique().numel() == 4
     torch.testing.assert_close(seen["teacher"], s[:, None].expand(4, 2))  # F_u + s (F_c - F_u) = s
+
+
+# ---- the adaptive weight's start and the sampler's t_max follow the run's settings -----------------------
+@pytest.mark.parametrize("objective, norm", [("diffusion", "l2"), ("sct", "l2"), ("sct", "rms"), ("sct", "none")])
+def test_initial_logvar_is_where_the_weighted_loss_of_an_untrained_network_is_smallest(objective, norm):
+    """An untrained network (F = 0) on data of std sigma_d: exp(initial_logvar) is the batch's mean
+    squared error, so exp(-lv) e + lv is minimal at the head's first value."""
+    sigma_d, D = 0.75, 64
+    g = torch.Generator().manual_seed(0)
+    x0 = sigma_d * torch.randn(8192, 1, 8, 8, generator=g, dtype=torch.float64)
+
+    def F(x_in, t, **_):
+        return 0.0 * x_in + 0.0 * t.reshape(-1, 1, 1, 1)
+
+    if objective == "diffusion":
+        _, st = objectives.diffusion_loss(F, x0, sigma_d=sigma_d, generator=g)
+    else:
+        cfg = objectives.SCMConfig(sigma_d=sigma_d, tangent_norm=norm, tangent_warmup=10_000)
+        _, st = objectives.scm_loss(F, x0, 0, cfg, generator=g)
+    expected = objectives.initial_logvar(objective, norm, D, sigma_d, -1.0 if objective == "sct" else -0.8,
+                                         1.4 if objective == "sct" else 1.6)
+    assert math.log(st["err"].mean().item()) == pytest.approx(expected, abs=0.05)
+    if (objective, norm) == ("sct", "l2"):
+        assert expected == pytest.approx(-math.log(D), abs=0.2)  # ||g|| >> c: about 1 / D
+
+
+def test_adaptive_weight_starts_at_its_initial_logvar():
+    from scm_fast.models import AdaptiveWeight
+    w = AdaptiveWeight(init_logvar=-math.log(64))
+    torch.testing.assert_close(w(torch.tensor([0.01, 0.7, 1.5])), torch.full((3,), -math.log(64)))
+
+
+def test_t_max_follows_sigma_d():
+    from scm_fast import sample
+    for sigma_d in (0.5, 0.75, 1.0):
+        assert trigflow.t_max(sigma_d) == math.atan(80.0 / sigma_d)  # sigma_max = 80 in data units [P §5.2]
+        assert sample.consistency_times(1, sigma_d) == (trigflow.t_max(sigma_d),)
+        assert sample.consistency_times(2, sigma_d, t_mid=0.9) == (trigflow.t_max(sigma_d), 0.9)
+    assert trigflow.T_MAX == trigflow.t_max(0.5)
+    seen = []
+
+    def F(x_in, t):
+        seen.append(t[0].item())
+        return torch.zeros_like(x_in)
+    trigflow.consistency_sample(F, torch.randn(2, 3), sigma_d=0.75)
+    assert seen == [pytest.approx(math.atan(80 / 0.75))]

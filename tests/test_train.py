@@ -127,6 +127,9 @@ def test_single_process_run(single_run):
     s = stats(single_run)
     assert [r["step"] for r in s] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["skipped"] == 0 for r in s)
+    # the network's and the weight head's gradient norms apart (the head's dwarfs the network's early on)
+    assert all(r["grad_norm_logvar"] > 0 and math.isfinite(r["grad_norm_logvar"]) for r in s)
+    assert len({r["grad_norm"] for r in s} | {r["grad_norm_logvar"] for r in s}) == 16
     assert [r["kimg"] for r in s] == pytest.approx([i * KIMG_PER_STEP for i in range(1, 9)])
     assert len({r["loss"] for r in s}) == 8  # it trains: the loss changes every step
     assert [p.name for p in sorted((single_run / "checkpoints").iterdir())] == ["ckpt-000000004", "ckpt-000000008"]
@@ -387,6 +390,13 @@ def test_scd_student_starts_from_teacher(tmp_path):
     init = sample.build_network(config.resolve(model="tiny", objective="scd", teacher=str(teacher)), (1, 8, 8), 10)
     init = init.state_dict()
     assert any(not torch.allclose(init[k], tw[k]) for k in tw)
+    # the adaptive weight head starts at its equilibrium (objectives.initial_logvar), constant in t
+    from scm_fast import objectives
+    cfg = config.resolve(objective="scd", teacher=str(teacher))
+    lv = objectives.initial_logvar("scd", cfg.tangent_norm, 64, cfg.sigma_d, cfg.P_mean, cfg.P_std, cfg.tangent_norm_c)
+    assert lv < -4 and f"logvar(t) starts at {lv:.3f}" in p.stdout
+    assert sw["logvar.linear.bias"].item() == pytest.approx(lv, abs=1e-6)
+    assert sw["logvar.linear.weight"].abs().max() <= 1e-12
 
 
 # ---- sampling ----------------------------------------------------------------------------------------------

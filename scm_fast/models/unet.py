@@ -76,6 +76,7 @@ class UNetConfig:
     guidance_embed: bool = False      # sCD student: the teacher's CFG scale s is an input
     second_time: bool = False         # MeanFlow: u(z, r, t) takes r too
     dropout: float = 0.0
+    dropout_res: int = 0              # dropout only in blocks at resolutions <= dropout_res (0: every block)
     emb_channels: int = None          # default model_channels * max(channel_mult) (EDM2)
 
     def __post_init__(self):
@@ -204,7 +205,11 @@ class UNet(torch.nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        E, kw = cfg.emb_channels, dict(head_dim=cfg.head_dim, dropout=cfg.dropout)
+        E = cfg.emb_channels
+
+        def kw(res):  # every block computes at its level's resolution (resampling blocks after resampling)
+            on = not cfg.dropout_res or res <= cfg.dropout_res
+            return dict(head_dim=cfg.head_dim, dropout=cfg.dropout if on else 0.0)
         self.time = ScalarEmbedding(E)
         self.label = torch.nn.Embedding(cfg.num_classes + 1, E) if cfg.num_classes else None
         self.guidance = ScalarEmbedding(E) if cfg.guidance_embed else None
@@ -217,23 +222,23 @@ class UNet(torch.nn.Module):
         cout, skips = widths[0], [widths[0]]
         for level, (ch, res) in enumerate(zip(widths, resolutions)):
             if level > 0:
-                self.enc[f"{res}x{res}_down"] = ResBlock(cout, cout, E, resample="down", **kw)
+                self.enc[f"{res}x{res}_down"] = ResBlock(cout, cout, E, resample="down", **kw(res))
                 skips.append(cout)
             for i in range(cfg.num_blocks):
-                self.enc[f"{res}x{res}_block{i}"] = ResBlock(cout, ch, E, attention=res in cfg.attn_resolutions, **kw)
+                self.enc[f"{res}x{res}_block{i}"] = ResBlock(cout, ch, E, attention=res in cfg.attn_resolutions, **kw(res))
                 cout = ch
                 skips.append(cout)
         self.dec = torch.nn.ModuleDict()
         for level in reversed(range(len(widths))):
             ch, res = widths[level], resolutions[level]
             if level == len(widths) - 1:
-                self.dec[f"{res}x{res}_in0"] = ResBlock(cout, cout, E, attention=True, **kw)
-                self.dec[f"{res}x{res}_in1"] = ResBlock(cout, cout, E, **kw)
+                self.dec[f"{res}x{res}_in0"] = ResBlock(cout, cout, E, attention=True, **kw(res))
+                self.dec[f"{res}x{res}_in1"] = ResBlock(cout, cout, E, **kw(res))
             else:
-                self.dec[f"{res}x{res}_up"] = ResBlock(cout, cout, E, resample="up", **kw)
+                self.dec[f"{res}x{res}_up"] = ResBlock(cout, cout, E, resample="up", **kw(res))
             for i in range(cfg.num_blocks + 1):
                 self.dec[f"{res}x{res}_block{i}"] = ResBlock(cout + skips.pop(), ch, E,
-                                                             attention=res in cfg.attn_resolutions, **kw)
+                                                             attention=res in cfg.attn_resolutions, **kw(res))
                 cout = ch
         self.norm_out = AdaptiveDoubleNorm(cout, E, norm="group")
         self.act_out = SiLU()
