@@ -21,7 +21,7 @@ from diffusers import DiTTransformer2DModel
 import scm_fast
 from scm_fast import trigflow
 from scm_fast.models import AdaptiveWeight
-from scm_fast.objectives import SCMConfig, scm_loss
+from scm_fast.objectives import SCMConfig, initial_logvar, scm_loss
 
 NUM_CLASSES = 10
 
@@ -60,9 +60,10 @@ def main(argv=None):
     if args.mode == "scd":  # stand-in for a pretrained diffusion teacher in TrigFlow form
         frozen = copy.deepcopy(model).requires_grad_(False).eval()
         teacher = trigflow.cfg(as_trigflow(frozen, args.time_scale), guidance=1.5)
-    logvar = AdaptiveWeight()
-    opt = torch.optim.Adam([*model.parameters(), *logvar.parameters()], lr=args.lr, betas=(0.9, 0.99))
     cfg = SCMConfig(tangent_warmup=max(1, args.steps // 2))
+    logvar = AdaptiveWeight(init_logvar=initial_logvar(args.mode, cfg.tangent_norm, 4 * 8 * 8, cfg.sigma_d,
+                                                       cfg.P_mean, cfg.P_std))  # the head at its equilibrium
+    opt = torch.optim.Adam([*model.parameters(), *logvar.parameters()], lr=args.lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(1)
     with scm_fast.patch_sdpa():  # without it torch.func.jvp raises inside diffusers' attention
         for step in range(args.steps):
