@@ -304,7 +304,13 @@ def write_all(s, out):
     results = Path(out) / "results"
     results.mkdir(parents=True, exist_ok=True)
     s["grids"] = copy_grids(s, results)
-    write_plots(s, results)
+    try:
+        import matplotlib  # noqa: F401  (make reproduce installs it; the tables need nothing but numpy)
+        write_plots(s, results)
+        s["plots"] = True
+    except ImportError:
+        print("reproduce: matplotlib is not installed, so no plots (pip install matplotlib)", flush=True)
+        s["plots"] = False
     (Path(out) / "results.json").write_text(json.dumps(results_json(s), indent=1) + "\n")
     (Path(out) / "results.md").write_text("\n".join(markdown(s)) + "\n")
 
@@ -427,13 +433,23 @@ def markdown(s):
               "'contradicted' when every seed goes the other way, 'not resolved' otherwise. Ratios use the means "
               "over seeds. 'Final' is the last checkpoint's EMA."]
     lines += _md_why(s)
-    lines += ["", "## FD over training", "", "![FD against training images](results/fd_vs_kimg.png)", ""]
+    plot = _plot_link(s)
+    lines += ["", "## FD over training"] + plot("FD against training images", "fd_vs_kimg")
     if (any(r["group"] == "main" and r["preset"] != "digits-teacher" for r in s["runs"].values())):
-        lines += ["## The 2-step sampler's t_mid", ""] + t_mid_table(s) + ["", "![t_mid sweep](results/t_mid.png)", ""]
+        lines += ["## The 2-step sampler's t_mid", ""] + t_mid_table(s) + plot("t_mid sweep", "t_mid")
     if any(r["group"] != "main" for r in s["runs"].values()):
         lines += ["## Ablations (sCT from scratch)", ""] + ablation_table(s) + _md_probe(s)
-        lines += ["", "![ablations](results/ablations.png)", ""]
+        lines += plot("ablations", "ablations")
     return lines + _md_grids(s) + _md_limits(s)
+
+
+def _plot_link(s):
+    """(alt text, file stem) -> the markdown lines of a figure, or a note when there are no plots."""
+    def link(text, name):
+        if not s.get("plots", True):
+            return ["", "(no figure: matplotlib was not installed)", ""]
+        return ["", f"![{text}](results/{name}.png)", ""]
+    return link
 
 
 def _md_header(s):

@@ -7,6 +7,7 @@ results.json and the figures. The default run trains only the teacher and sCD fr
 configuration and checks that a second invocation trains nothing and reproduces the numbers from its
 caches.
 """
+import importlib.util
 import json
 import math
 import subprocess
@@ -38,7 +39,6 @@ def _untrained_2step_fd(job):
 
 
 def test_quick_scd_beats_the_untrained_network_and_stays_finite(tmp_path):
-    pytest.importorskip("matplotlib")
     runs, out = tmp_path / "runs", tmp_path / "docs"
     _, summary = _reproduce(runs, out, "--runs", "scd")
     assert sorted(summary["runs"]) == ["scd", "teacher"]
@@ -54,8 +54,10 @@ def test_quick_scd_beats_the_untrained_network_and_stays_finite(tmp_path):
     assert any(c["claim"].startswith("2-step sCD FD within 10%") for c in results["claims"])
     md = (out / "results.md").read_text()
     assert "## The paper's claims" in md and "| TrigFlow teacher | heun-nfe35 | 12.8 |" in md
-    for name in ("fd_vs_kimg", "t_mid", "scd-2step", "teacher-heun-nfe35"):
+    plots = ("fd_vs_kimg", "t_mid") if importlib.util.find_spec("matplotlib") else ()  # the plots need it
+    for name in plots + ("scd-2step", "teacher-heun-nfe35"):
         assert (out / "results" / f"{name}.png").stat().st_size > 1000, name
+    assert ("results/t_mid.png" in md) == bool(plots)
 
 
 @pytest.mark.slow
