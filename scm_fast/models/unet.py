@@ -18,10 +18,11 @@ of C up to 32. Attention uses heads of head_dim channels, RMS-normalised q and k
 scm_fast's fused attention (tangent in the same pass); `impl = "sdpa"` swaps in PyTorch's SDPA.
 `_0` layers start at zero (weights and biases), so every block starts as its skip path and F at 0.
 The conditioning embedding is emb = SiLU(time(t) + class(labels) + guidance(s) + time(r)): each a
-positional embedding with c_noise(t) = t and an MLP (the DiT's ScalarEmbedding), fp32 with autocast
-off [rCM]. Every layer's forward-AD tangent carries no autograd graph (scm_fast.nn), so the one-pass
-sCM step keeps only the primal's activations for backward; resampling, concatenation, sums and
-dropout are linear and their tangents involve no parameter, hence no graph either.
+positional embedding with c_noise(t) = t and an MLP (embedding.ConditionEmbedding, shared with the
+DiT), fp32 with autocast off [rCM]. Every layer's forward-AD tangent carries no autograd graph
+(scm_fast.nn), so the one-pass sCM step keeps only the primal's activations for backward;
+resampling, concatenation, sums and dropout are linear and their tangents involve no parameter,
+hence no graph either.
 
 Where this deviates from EDM2 (the sCM paper says it changes EDM2's time embedding and normalization
 but gives no layer-level specification; these are the choices):
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from scm_fast.models.dit import ScalarEmbedding
+from scm_fast.models.embedding import ConditionEmbedding
 from scm_fast.nn import AdaptiveDoubleNorm, Conv2d, RMSNorm, SiLU
 from scm_fast.ops import attention
 
@@ -147,9 +148,17 @@ def resample(x, mode):
 
 class UNetAttention(torch.nn.Module):
     """x + proj(attention(rms(q), rms(k), v)) over the H*W pixels, q, k, v = qkv(ADN(x, emb)).
-    `impl = "sdpa"` calls F.scaled_dot_product_attention instead (whatever backend is enabled)."""
+    `impl = "sdpa"` calls F.scaled_dot_product_attention instead (whatever backend is enabled).
+
+    Not scm_fast.nn.Attention (the DiT's, on (B, L, C) tokens) with a norm around it: the projections
+    are 1x1 Conv2d on (B, C, H, W), so qkv.weight / proj.weight are (out, in, 1, 1) where Linear's are
+    (out, in) (checkpoints would not load) and the convolution rounds differently from a Linear on
+    the transposed tokens (outputs would change); it also holds its adaptive norm and the residual.
+    The q, k, v channel layout is nn.Attention's: [q | k | v], each (heads, head_dim).
+    """
 
     impl = "fused"
+    pytorch_impl = "sdpa"  # what scm_fast.models.use_pytorch_ops sets
 
     def __init__(self, channels, emb_channels, head_dim):
         super().__init__()
@@ -199,7 +208,7 @@ class ResBlock(torch.nn.Module):
         return f"{self.in_channels} -> {self.out_channels}, resample={self.resample!r}"
 
 
-class UNet(torch.nn.Module):
+class UNet(ConditionEmbedding):
     """F_theta(x_in, t, labels=None, guidance=None, r=None) -> same shape as x_in (B, C, H, W)."""
 
     def __init__(self, cfg: UNetConfig):
@@ -210,11 +219,8 @@ class UNet(torch.nn.Module):
         def kw(res):  # every block computes at its level's resolution (resampling blocks after resampling)
             on = not cfg.dropout_res or res <= cfg.dropout_res
             return dict(head_dim=cfg.head_dim, dropout=cfg.dropout if on else 0.0)
-        self.time = ScalarEmbedding(E)
-        self.label = torch.nn.Embedding(cfg.num_classes + 1, E) if cfg.num_classes else None
-        self.guidance = ScalarEmbedding(E) if cfg.guidance_embed else None
-        self.time_r = ScalarEmbedding(E) if cfg.second_time else None
-        self.emb_act = SiLU()
+        # time, label, guidance, time_r, emb_act (SiLU of the sum); checks t and labels
+        self.init_embedding(E, cfg.num_classes, cfg.guidance_embed, cfg.second_time, act=True, strict=True)
 
         widths, resolutions = cfg.widths, cfg.resolutions
         self.conv_in = Conv2d(cfg.in_channels, widths[0], 3, padding=1)
@@ -244,25 +250,9 @@ class UNet(torch.nn.Module):
         self.act_out = SiLU()
         self.out = _zero(Conv2d(cout, cfg.in_channels, 3, padding=1))
 
-    def embed(self, t, labels, guidance, r):
-        """Conditioning embedding (B, emb_channels), fp32 with autocast off."""
-        if t.dim() != 1:
-            raise ValueError(f"t must be (B,), got shape {tuple(t.shape)}")
-        emb = self.time(t)
-        if self.label is not None:
-            if labels is None:
-                raise ValueError("this UNet is class-conditional: pass labels (B,) (-1 for the null class)")
-            if labels.shape != t.shape or labels.is_floating_point():
-                raise ValueError(f"labels must be integer (B,) = {tuple(t.shape)}, got {tuple(labels.shape)} "
-                                 f"{labels.dtype}")
-            null = self.cfg.num_classes
-            emb = emb + self.label(torch.where(labels < 0, torch.full_like(labels, null), labels)).to(emb.dtype)
-        if self.guidance is not None:
-            emb = emb + self.guidance(guidance if guidance is not None else torch.ones_like(t))
-        if self.time_r is not None:
-            emb = emb + self.time_r(r if r is not None else t)
-        with torch.autocast(t.device.type, enabled=False):
-            return self.emb_act(emb)
+    def repeated_blocks(self):
+        """The residual blocks (each with its attention)."""
+        return list(self.enc.values()) + list(self.dec.values())
 
     def forward(self, x_in, t, labels=None, guidance=None, r=None):
         c, s = self.cfg.in_channels, self.cfg.img_size
