@@ -367,8 +367,8 @@ class Attention(torch.nn.Module):
 
 def swap_adaptive_norm(model, **kwargs):
     """Replace diffusers' adaLN / AdaGN modulation with adaptive double normalization; the same
-    function as scm_fast.patch.swap_adaptive_norm (see there for what it swaps and what it cannot)."""
-    from scm_fast.patch import swap_adaptive_norm as swap  # lazy: scm_fast.patch imports this module
+    function as scm_fast.interop.swap_adaptive_norm (see there for what it swaps and what it cannot)."""
+    from scm_fast.interop.diffusers_norm import swap_adaptive_norm as swap  # lazy: loaded on first use
     return swap(model, **kwargs)
 
 

@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import scm_fast
 from scm_fast.ops import adaptive_double_norm_ref
 from scm_fast.ops.adaptive_norm_ref import pnorm
-from scm_fast.patch import DoubleNormContinuous, DoubleNormGroup, DoubleNormZero
+from scm_fast.interop import DoubleNormContinuous, DoubleNormGroup, DoubleNormZero
 from tolerance import assert_rule
 
 diffusers = pytest.importorskip("diffusers")

@@ -11,7 +11,13 @@ dims up to 256 (any, no padding by the caller), Lq != Lk, GQA/MQA (Hq a multiple
 (SDPA's top-left alignment), attn_mask bool (True = attend) or additive, broadcastable to
 (B, Hq, Lq, Lk) and never materialised. A row with no valid key gives 0 output and 0 tangent.
 The mask is a constant: it takes no gradient and no tangent.
+
+`not_supported_reasons(q, k, v, ...)` lists why a call falls outside that (as xformers' ops do);
+the op's own argument checks raise its first entry, and scm_fast.interop.sdpa reads the same list
+to decide which SDPA calls the fused op runs.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
@@ -19,82 +25,171 @@ from scm_fast.ops import _registry
 from scm_fast.ops.attention_ref import (attention_bwd_chunked, attention_fwd_chunked,
                                         attention_fwd_jvp_chunked, attention_ref)
 
-__all__ = ["attention", "attention_jvp", "attention_ref"]
+__all__ = ["attention", "attention_jvp", "attention_ref", "not_supported_reasons"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
 
 # ---- validation at the public API ------------------------------------------------------------
-def _check_tensor(name, x, ndim=4):
+class Unsupported(NamedTuple):
+    """One reason the fused op does not run a call: `key` (stable, for code), `message` (for people),
+    `error` (the exception type `attention` raises with that message; None where the call is refused
+    by the chosen backend's kernels rather than by the argument checks)."""
+    key: str
+    message: str
+    error: Optional[type]
+
+
+def _tensor_reasons(name, x, ndim=4):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        return [Unsupported("type", f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)]
+    out = []
     if x.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D (B, H, L, D), got shape {tuple(x.shape)}")
+        out.append(Unsupported("ndim", f"{name} must be {ndim}-D (B, H, L, D), got shape {tuple(x.shape)}", ValueError))
     if x.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        out.append(Unsupported("dtype", f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}",
+                               TypeError))
+    return out
 
 
-def _check_qkv(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, x)
+def _qkv_reasons(q, k, v):
+    out = [r for name, x in (("q", q), ("k", k), ("v", v)) for r in _tensor_reasons(name, x)]
+    if not all(isinstance(x, torch.Tensor) for x in (q, k, v)):
+        return out
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        out.append(Unsupported("dtypes_differ", f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}",
+                               TypeError))
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        out.append(Unsupported("devices_differ",
+                               f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}", ValueError))
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        return out
     (B, H, _, D), (Bk, Hk, Lk, Dk), (Bv, Hv, Lv, Dv) = q.shape, k.shape, v.shape
     if not (B == Bk == Bv):
-        raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        out.append(Unsupported("batch", f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                                        f"v {tuple(v.shape)}", ValueError))
     if (Hk, Lk) != (Hv, Lv):
-        raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        out.append(Unsupported("kv_length" if Lk != Lv else "kv_heads", f"k and v must have the same heads and "
+                               f"length, got k {tuple(k.shape)}, v {tuple(v.shape)}", ValueError))
     if D != Dk:
-        raise ValueError(f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if H % Hk != 0:
-        raise ValueError(f"q heads ({H}) must be a multiple of k/v heads ({Hk}) for GQA/MQA, "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        out.append(Unsupported("qk_head_dim", f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}",
+                               ValueError))
+    if Hk == 0 or H % Hk != 0:
+        out.append(Unsupported("gqa", f"q heads ({H}) must be a multiple of k/v heads ({Hk}) for GQA/MQA, "
+                                      f"got q {tuple(q.shape)}, k {tuple(k.shape)}", ValueError))
     if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
-        raise ValueError(f"head dims must be in [1, {MAX_HEAD_DIM}], got q/k {D}, v {Dv}")
+        out.append(Unsupported("head_dim", f"head dims must be in [1, {MAX_HEAD_DIM}], got q/k {D}, v {Dv}",
+                               ValueError))
+    return out
 
 
-def _check_mask(attn_mask, q, k):
-    """The mask expanded (a view, no copy) to (B, Hq, Lq, Lk), or None."""
+def _tangent_reasons(primals, tangents):
+    out = []
+    for name, x, t in zip(("q", "k", "v"), primals, tangents):
+        bad = _tensor_reasons("t" + name, t)
+        out += [r._replace(key="tangent_" + r.key) for r in bad]
+        if isinstance(t, torch.Tensor) and isinstance(x, torch.Tensor) and (
+                t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
+            out.append(Unsupported("tangent", f"t{name} must match {name}: expected {tuple(x.shape)} {x.dtype} on "
+                                              f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}", ValueError))
+    return out
+
+
+def _mask_reasons(attn_mask, q, k):
     if attn_mask is None:
-        return None
+        return []
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        return [Unsupported("mask_type", f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}",
+                            TypeError)]
+    out = []
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        out.append(Unsupported("mask_dtype", f"attn_mask must be bool or floating point, got {attn_mask.dtype}",
+                               TypeError))
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
+        return out  # the q/k reasons already say why; the mask is not compared with them
     if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        out.append(Unsupported("mask_device", f"attn_mask is on {attn_mask.device} but q is on {q.device}",
+                               ValueError))
     if attn_mask.requires_grad or fwAD.unpack_dual(attn_mask).tangent is not None:
-        raise ValueError("attn_mask is treated as a constant: it must not require grad or carry a tangent")
-    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out.append(Unsupported("mask_grad" if attn_mask.requires_grad else "mask_tangent",
+                               "attn_mask is treated as a constant: it must not require grad or carry a tangent",
+                               ValueError))
+    full = _mask_shape(q, k)
     try:
         fits = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, full) == full
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                         f"(B, Hq, Lq, Lk) = {full}")
+        out.append(Unsupported("mask_shape", f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                                             f"(B, Hq, Lq, Lk) = {full}", ValueError))
+    return out
+
+
+def _scale_reasons(scale):
+    if scale is None:
+        return []
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale == scale):
+        return [Unsupported("scale", f"scale must be a float or None, got {scale!r}", TypeError)]
+    return []
+
+
+def _backend_reasons(q):
+    """What the chosen backend's kernels refuse (raised by the dispatcher when the op runs)."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.float64:
+        return []
+    name, device = _registry.backend(), q.device.type
+    if (device == "cuda" and name != "reference") or (device == "cpu" and name in ("triton", "cpp")):
+        return [Unsupported("backend", f"float64 runs on the reference backend only (the {name} backend's kernels "
+                                       f"run float16, bfloat16, float32 on {device})", None)]
+    return []
+
+
+def unsupported(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None):
+    """Every reason `attention` (with `tangents`: `attention_jvp`) does not run this call, as
+    Unsupported(key, message, error), in the order the op checks them; [] when it runs it.
+    `not_supported_reasons` is its text. `causal` is accepted for the signature: any value works."""
+    out = _qkv_reasons(q, k, v)
+    if tangents is not None:
+        out += _tangent_reasons((q, k, v), tangents)
+    out += _mask_reasons(attn_mask, q, k) + _scale_reasons(scale)
+    return out + _backend_reasons(q)
+
+
+def not_supported_reasons(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None):
+    """Why the fused op cannot run attention(q, k, v, attn_mask=..., causal=..., scale=...) (with
+    `tangents=(tq, tk, tv)`: attention_jvp), one human-readable string per problem; [] when it runs it.
+
+    The op's own argument checks read this list: called anyway, `attention` raises the first
+    entry's message (as TypeError or ValueError). Entries about the backend (float64 where the
+    chosen backend's kernels run fp16/bf16/fp32 only) come last; those the dispatcher raises.
+    Used by scm_fast.interop.sdpa to decide which SDPA calls the fused op runs.
+    """
+    return [r.message for r in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents)]
+
+
+def _validate(q, k, v, attn_mask, scale, tangents=None):
+    """Raise the first argument problem (the dispatcher raises the backend's own refusals)."""
+    for reason in unsupported(q, k, v, attn_mask, scale=scale, tangents=tangents):
+        if reason.error is not None:
+            raise reason.error(reason.message)
+
+
+def _mask_shape(q, k):
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _prepare_mask(attn_mask, q, k):
+    """A validated mask expanded (a view, no copy) to (B, Hq, Lq, Lk), or None."""
+    if attn_mask is None:
+        return None
     if attn_mask.is_floating_point():  # kernels read fp32 biases; convert before expanding (no Lq x Lk copy)
         attn_mask = attn_mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return attn_mask.expand(full)
+    return attn_mask.expand(_mask_shape(q, k))
 
 
-def _check_scale(scale, q):
-    if scale is None:
-        return q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale == scale):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
-    return float(scale)
-
-
-def _check_tangents(primals, tangents):
-    for name, x, t in zip(("q", "k", "v"), primals, tangents):
-        _check_tensor("t" + name, t)
-        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"t{name} must match {name}: expected {tuple(x.shape)} {x.dtype} on {x.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+def _scale_value(scale, q):
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 # ---- kernels behind the dispatcher -----------------------------------------------------------
@@ -233,9 +328,9 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     pass as the output (no second forward). Example:
         o, to = torch.func.jvp(lambda q, k, v: attention(q, k, v), (q, k, v), (tq, tk, tv))
     """
-    _check_qkv(q, k, v)
-    mask = _check_mask(attn_mask, q, k)
-    scale = _check_scale(scale, q)
+    _validate(q, k, v, attn_mask, scale)
+    mask = _prepare_mask(attn_mask, q, k)
+    scale = _scale_value(scale, q)
     causal = bool(causal)
     if any(fwAD.unpack_dual(x).tangent is not None for x in (q, k, v)):
         tangents = [_tangent_or_zeros(x) for x in (q, k, v)]
@@ -251,9 +346,8 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=No
 
     o is differentiable w.r.t. q, k, v; to is returned without a graph (sCM's tangent is sg(.)).
     """
-    _check_qkv(q, k, v)
-    _check_tangents((q, k, v), (tq, tk, tv))
-    mask = _check_mask(attn_mask, q, k)
-    scale = _check_scale(scale, q)
+    _validate(q, k, v, attn_mask, scale, tangents=(tq, tk, tv))
+    mask = _prepare_mask(attn_mask, q, k)
+    scale = _scale_value(scale, q)
     o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, bool(causal), scale, False)
     return o, to

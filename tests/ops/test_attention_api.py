@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from scm_fast.ops import _registry, attention, attention_jvp, use_backend
+from scm_fast.ops.attention import MAX_HEAD_DIM, not_supported_reasons
 
 
 def qkv(B=2, H=4, Hk=2, Lq=5, Lk=7, D=8, Dv=8, dtype=torch.float32):
@@ -49,6 +50,54 @@ def test_bad_tangents():
         attention_jvp(q, k, v, q, k[:, :1], v)
     with pytest.raises(TypeError, match="tv must be float16"):
         attention_jvp(q, k, v, q, k, v.int())
+
+
+# ---- not_supported_reasons: the list the checks above raise from ---------------------------------
+def test_not_supported_reasons_is_empty_for_calls_the_op_runs():
+    q, k, v = qkv()
+    assert not_supported_reasons(q, k, v) == []
+    mask = torch.rand(2, 1, 5, 7) > 0.5
+    assert not_supported_reasons(q, k, v, attn_mask=mask, causal=True, scale=0.5) == []
+    assert not_supported_reasons(q, k, v, attn_mask=torch.zeros(5, 7, dtype=torch.float64)) == []
+    assert not_supported_reasons(q, k, v, tangents=(q, k, v)) == []
+    big = torch.randn(1, 1, 2, MAX_HEAD_DIM)
+    assert not_supported_reasons(big, big, big) == []
+
+
+@pytest.mark.parametrize("desc,build,exc,fragment", BAD, ids=[b[0] for b in BAD])
+def test_not_supported_reasons_lead_with_what_the_op_raises(desc, build, exc, fragment):
+    kwargs = build(*qkv())
+    q, k, v = kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v")
+    reasons = not_supported_reasons(q, k, v, **kwargs)
+    assert reasons and fragment in reasons[0], reasons
+    with pytest.raises(exc) as info:
+        attention(q, k, v, **kwargs)
+    assert str(info.value) == reasons[0]
+
+
+def test_not_supported_reasons_names_every_problem():
+    q, k, v = qkv()
+    big = torch.randn(1, 1, 2, MAX_HEAD_DIM + 1)
+    assert not_supported_reasons(big, big, big) == [
+        f"head dims must be in [1, {MAX_HEAD_DIM}], got q/k {MAX_HEAD_DIM + 1}, v {MAX_HEAD_DIM + 1}"]
+    assert not_supported_reasons(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool)) == [
+        "attn_mask of shape (5, 6) does not broadcast to (B, Hq, Lq, Lk) = (2, 4, 5, 7)"]
+    assert not_supported_reasons(q, k.double(), v) == [
+        "q, k, v must share a dtype, got torch.float32, torch.float64, torch.float32"]
+    several = not_supported_reasons(q.half(), k, torch.randn(2, 2, 7, 300), attn_mask=[1], scale=True)
+    assert [r.split(" ")[0] for r in several] == ["q,", "head", "attn_mask", "scale"], several
+    assert not_supported_reasons(q, k, v, tangents=(q, k[:, :1], v)) == [
+        "tk must match k: expected (2, 2, 7, 8) torch.float32 on cpu, got (2, 1, 7, 8) torch.float32 on cpu"]
+
+
+def test_not_supported_reasons_include_the_backends_float64_refusal():
+    q, k, v = qkv(dtype=torch.float64)
+    with use_backend("reference"):
+        assert not_supported_reasons(q, k, v) == []
+    for name in ("triton", "cpp"):
+        with use_backend(name):
+            (reason,) = not_supported_reasons(q, k, v)
+            assert reason.startswith("float64 runs on the reference backend only") and name in reason
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

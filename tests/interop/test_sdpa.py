@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import scm_fast
-import scm_fast.patch as patch_mod
+import scm_fast.interop.sdpa as sdpa_mod
 from scm_fast.nn import Attention
 from tolerance import assert_rule
 
@@ -18,7 +18,7 @@ SDPA = torch._C._nn.scaled_dot_product_attention  # PyTorch's own, whatever is p
 
 @pytest.fixture(autouse=True)
 def clean_state():
-    patch_mod._warned.clear()
+    sdpa_mod._warned.clear()
     yield
     scm_fast.unpatch_sdpa()
     assert F.scaled_dot_product_attention is SDPA
@@ -28,13 +28,13 @@ def clean_state():
 def fused_calls(monkeypatch):
     """Counts the calls that reach scm_fast's fused attention through the patch."""
     calls = []
-    real = patch_mod.attention
+    real = sdpa_mod.attention
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patch_mod, "attention", counting)
+    monkeypatch.setattr(sdpa_mod, "attention", counting)
     return calls
 
 
@@ -131,7 +131,7 @@ def test_context_manager_global_switch_nesting_and_restore():
     with scm_fast.patch_sdpa() as outer:
         assert scm_fast.sdpa_patched() and outer.active
         with scm_fast.patch_sdpa(jvp_only=True) as inner:
-            assert patch_mod._stack[-1] is inner
+            assert sdpa_mod._stack[-1] is inner
         assert scm_fast.sdpa_patched() and not inner.active
     assert F.scaled_dot_product_attention is SDPA and not scm_fast.sdpa_patched()
     handle = scm_fast.patch_sdpa()  # the global switch
@@ -163,16 +163,16 @@ def test_modules_rebinds_a_name_imported_before_the_patch(fused_calls):
     mod.other = len
     q = rand(1, 1, 4, 8)
     with scm_fast.patch_sdpa(modules=[mod]):
-        assert mod.scaled_dot_product_attention is F.scaled_dot_product_attention is patch_mod._PATCHED
+        assert mod.scaled_dot_product_attention is F.scaled_dot_product_attention is sdpa_mod._PATCHED
         mod.scaled_dot_product_attention(q, q, q)
         assert mod.other is len
     assert mod.scaled_dot_product_attention is SDPA and len(fused_calls) == 1
     first = scm_fast.patch_sdpa(modules=["types", mod])  # by name too; two patches holding one module
     second = scm_fast.patch_sdpa(modules=[mod])
     first.remove()
-    assert mod.scaled_dot_product_attention is patch_mod._PATCHED
+    assert mod.scaled_dot_product_attention is sdpa_mod._PATCHED
     second.remove()
-    assert mod.scaled_dot_product_attention is SDPA and not patch_mod._rebound
+    assert mod.scaled_dot_product_attention is SDPA and not sdpa_mod._rebound
     with pytest.raises(TypeError, match="modules must hold modules or module names, got int"):
         scm_fast.patch_sdpa(modules=[3])
 
@@ -263,12 +263,50 @@ def test_vmap_falls_back(fused_calls):
     assert not fused_calls
 
 
+def test_the_ops_own_list_decides(monkeypatch, fused_calls):
+    """The route asks scm_fast.ops.attention's not_supported_reasons (its structured form) about the
+    folded call: a reason there sends a call the route itself accepts to PyTorch's SDPA."""
+    from scm_fast.ops.attention import Unsupported
+    q = rand(3, 5, 8)  # a 3-D call is asked about as (B, H, L, D) = (1, 3, 5, 8)
+    seen = []
+
+    def refuse(q, k, v, *args):
+        seen.append(q.shape)
+        return [Unsupported("head_dim", "from the op's list", ValueError)]
+
+    monkeypatch.setattr(sdpa_mod, "unsupported", refuse)
+    with scm_fast.patch_sdpa(), pytest.warns(UserWarning, match=r"head dims 8 \(query/key\), 8 \(value\)"):
+        out = F.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(out, SDPA(q, q, q), rtol=0, atol=0)
+    assert seen == [(1, 3, 5, 8)] and not fused_calls
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_fp64_where_the_backends_kernels_lack_it_falls_back(backend, fused_calls):
+    from scm_fast.ops import use_backend
+    q = rand(1, 2, 5, 8)
+    with use_backend(backend), scm_fast.patch_sdpa(), pytest.warns(UserWarning, match=f"on cpu with the {backend}"):
+        out = F.scaled_dot_product_attention(q, q, q)
+    torch.testing.assert_close(out, SDPA(q, q, q), rtol=0, atol=0)
+    assert not fused_calls
+
+
+def test_nan_scale_goes_to_pytorch_without_warning(fused_calls):
+    q = torch.randn(1, 2, 5, 8)
+    with scm_fast.patch_sdpa(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = F.scaled_dot_product_attention(q, q, q, scale=float("nan"))
+    torch.testing.assert_close(out, SDPA(q, q, q, scale=float("nan")), rtol=0, atol=0, equal_nan=True)
+    assert not fused_calls
+
+
 PASS_THROUGH = [  # PyTorch defines these (or rejects them): its SDPA answers, without a warning
     ("causal_with_mask", (1, 2, 5, 8), dict(attn_mask=torch.rand(5, 5) > 0.3, is_causal=True)),  # CPU flash: both
     ("int_mask", (1, 2, 5, 8), dict(attn_mask=torch.ones(5, 5, dtype=torch.int64))),
     ("mask_wider_than_query", (2, 5, 8), dict(attn_mask=torch.randn(3, 2, 5, 5))),
     ("mask_fp64_query_fp32", (1, 2, 5, 8), dict(attn_mask=torch.zeros(5, 5, dtype=torch.float64))),
     ("dtypes_differ", (1, 2, 5, 8), dict(key_dtype=torch.float64)),
+    ("dtypes_differ_and_head_dim_300", (1, 2, 5, 300), dict(key_dtype=torch.float64)),  # rejected: no warning
 ]
 
 
@@ -323,7 +361,7 @@ def test_torch_function_modes_and_subclasses_see_the_patched_function(fused_call
             F.scaled_dot_product_attention(q, k, k)
     torch.testing.assert_close(got, expected)
     assert F.scaled_dot_product_attention is SDPA
-    assert patch_mod._PATCHED in recorder.seen and len(fused_calls) == n + 1
+    assert sdpa_mod._PATCHED in recorder.seen and len(fused_calls) == n + 1
 
 
 def test_plain_pytorch_multihead_attention(fused_calls):

@@ -1,0 +1,17 @@
+"""Drop-in routes from other codebases (diffusers, timm, plain PyTorch models) to scm_fast's fused ops.
+
+- `scm_fast.interop.sdpa`: `patch_sdpa()` routes `torch.nn.functional.scaled_dot_product_attention`
+  to the fused attention, so torch.func.jvp / forward AD run through models that call SDPA
+  (`unpatch_sdpa`, `sdpa_patched`, the `SDPAPatch` handle).
+- `scm_fast.interop.diffusers_norm`: `swap_adaptive_norm(model)` replaces diffusers' adaLN / AdaGN
+  modulation with adaptive double normalization on the fused op (`SwapReport`, the `DoubleNorm*`
+  replacement modules).
+
+The two are independent; this package re-exports both (as scm_fast.patch did before the move).
+"""
+from scm_fast.interop.diffusers_norm import (DoubleNormContinuous, DoubleNormGroup, DoubleNormZero, SwapReport,
+                                             swap_adaptive_norm)
+from scm_fast.interop.sdpa import SDPAPatch, patch_sdpa, sdpa_patched, unpatch_sdpa
+
+__all__ = ["DoubleNormContinuous", "DoubleNormGroup", "DoubleNormZero", "SDPAPatch", "SwapReport", "patch_sdpa",
+           "sdpa_patched", "swap_adaptive_norm", "unpatch_sdpa"]
