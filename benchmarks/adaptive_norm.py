@@ -12,28 +12,30 @@ Bytes: the op is memory bound; the count is the N = B x L x C element traffic it
 (B, C) vectors are ignored. "% copy" divides the achieved bytes/s by the rate of a plain
 `dst.copy_(src)` of N elements (2N bytes moved) measured in the same run.
 Before timing, each method is checked against the fp64 reference (adaptive_double_norm_ref) on
-the first two batch elements (batch elements are independent): max error <= TOL x max(1, max |exact|).
-Time: median of repetitions after a warm-up.
+the first two batch elements (batch elements are independent): max error <= TOL x max(1, max |exact|);
+a mismatch aborts the benchmark before that case is timed.
+Time: median of repetitions after a warm-up (check, timing and records: benchmarks/harness.py).
 
 Run:  python benchmarks/adaptive_norm.py                 B 64 x L 1024 tokens, C 1152, layer, fp32
       python benchmarks/adaptive_norm.py --norm group --groups 32 --C 512 --L 4096   feature maps
-Writes OUT/adaptive_norm.json.
+Writes OUT/adaptive_norm.json and OUT/adaptive_norm.records.json (one record a case: check, median,
+p20/p80).
 """
 import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from scm_fast.ops import _registry, adaptive_double_norm, adaptive_double_norm_ref
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from scm_fast.ops import _registry, adaptive_double_norm, adaptive_double_norm_ref  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES, TOL = harness.DTYPES, harness.TOL
 PASSES = ("fwd", "fwd+jvp", "bwd")
 TRAFFIC = {"fwd": 2, "fwd+jvp": 4, "bwd": 3}  # N-element tensors read or written
 EPS = 1e-6
@@ -52,8 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=os.path.join("benchmarks", "out"))
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = harness.resolve_device(args.device)
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     return args
 
@@ -109,40 +110,25 @@ def thunk(fn, pass_name, prim, tangents, grad_y):
 
 
 def check(name, pass_name, outputs, args, prim, tangents, grad_y):
-    """Abort unless outputs match the fp64 reference on batch elements 0 and 1."""
+    """harness.Check of outputs against the fp64 reference on batch elements 0 and 1."""
     sl = slice(0, 2)
     p64 = [p[sl].double() for p in prim]
     exact = thunk(reference(args), pass_name, p64, [t[sl].double() for t in tangents], grad_y[sl].double())()
-    for i, (got, want) in enumerate(zip(outputs, exact)):
-        err = (got[sl].double() - want).abs().max().item()
-        bound = TOL[args.dtype] * max(1.0, want.abs().max().item())
-        if not err <= bound:
-            sys.exit(f"MISMATCH: {name} {pass_name} output {i}: max error {err:.3e} > {bound:.3e} vs fp64 reference")
+    return harness.check_close([got[sl] for got in outputs], exact, TOL[args.dtype],
+                               label=f"{name} {pass_name}", reference="fp64 reference")
 
 
 # ---- timing ----------------------------------------------------------------------------------
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_time(fn, args):
-    fn()
-    times = []
-    for _ in range(args.reps):
-        sync(args.device)
-        start = time.perf_counter()
-        fn()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """harness.Timing of args.reps calls after one warm-up call."""
+    return harness.time_loop(fn, args.reps, args.device, warmup=1)
 
 
 def copy_rate(args, n):
     """Bytes/s of dst.copy_(src) for n elements (read + write)."""
     src = torch.randn(n, device=args.device).to(args.dtype)
     dst = torch.empty_like(src)
-    return 2 * n * src.element_size() / median_time(lambda: dst.copy_(src), args)
+    return 2 * n * src.element_size() / median_time(lambda: dst.copy_(src), args).median
 
 
 def main():
@@ -156,13 +142,25 @@ def main():
     print(f"{args.device}, {str(args.dtype).replace('torch.', '')}, x {tuple(prim[0].shape)} norm={args.norm}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; scm_fast backend: {backend}; "
           f"copy rate {rate / 1e9:.2f} GB/s", file=sys.stderr)
+    env = {"torch": torch.__version__, "platform": platform.platform(), "device": args.device,
+           "threads": torch.get_num_threads(), "shape": list(prim[0].shape), "dtype": str(args.dtype),
+           "norm": args.norm, "copy_bytes_per_s": rate, "backend": backend}
+    config = {"shape": list(prim[0].shape), "dtype": str(args.dtype).replace("torch.", ""), "norm": args.norm,
+              "device": args.device}
+    records = harness.Records(args.out, "adaptive_norm")
     results = []
     for pass_name in PASSES:
         for name, make in (("fused", fused), ("torch", composition)):
             fn = thunk(make(args), pass_name, prim, tangents, grad_y)
-            check(name, pass_name, fn(), args, prim, tangents, grad_y)
-            seconds = median_time(fn, args)
+            record = records.add(harness.run_case(
+                name, {"pass": pass_name, **config}, fn,
+                lambda out: check(name, pass_name, out, args, prim, tangents, grad_y),
+                lambda fn, _: median_time(fn, args)))
+            if not record.check.ok:
+                records.abort(record.check.message, env)
+            seconds = record.median
             gbps = TRAFFIC[pass_name] * n * esize / seconds
+            record.metrics.update(bytes=TRAFFIC[pass_name] * n * esize, bytes_per_s=gbps, fraction_of_copy=gbps / rate)
             results.append({"pass": pass_name, "method": name, "time_s": seconds, "bytes_per_s": gbps,
                             "fraction_of_copy": gbps / rate})
             print(f"  {pass_name:8s} {name:6s} {seconds * 1e3:8.1f} ms", file=sys.stderr, flush=True)
@@ -171,26 +169,22 @@ def main():
     print(table(results))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "adaptive_norm.json")
-    env = {"torch": torch.__version__, "platform": platform.platform(), "device": args.device,
-           "threads": torch.get_num_threads(), "shape": list(prim[0].shape), "dtype": str(args.dtype),
-           "norm": args.norm, "copy_bytes_per_s": rate, "backend": backend}
     with open(path, "w") as f:
         json.dump({"environment": env, "results": results}, f, indent=2)
-    print(f"wrote {path}")
+    print(f"wrote {path}, {records.write(env)}")
 
 
 def table(results):
     get = {(r["pass"], r["method"]): r for r in results}
     head = ["pass", "fused", "fused GB/s", "% copy", "torch", "torch GB/s", "% copy", "speedup"]
-    rows = [head]
+    lines = []
     for p in PASSES:
         f, t = get[(p, "fused")], get[(p, "torch")]
-        rows.append([p, f"{f['time_s'] * 1e3:.1f} ms", f"{f['bytes_per_s'] / 1e9:.2f}",
-                     f"{100 * f['fraction_of_copy']:.0f}%", f"{t['time_s'] * 1e3:.1f} ms",
-                     f"{t['bytes_per_s'] / 1e9:.2f}", f"{100 * t['fraction_of_copy']:.0f}%",
-                     f"{t['time_s'] / f['time_s']:.2f}x"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+        lines.append([p, f"{f['time_s'] * 1e3:.1f} ms", f"{f['bytes_per_s'] / 1e9:.2f}",
+                      f"{100 * f['fraction_of_copy']:.0f}%", f"{t['time_s'] * 1e3:.1f} ms",
+                      f"{t['bytes_per_s'] / 1e9:.2f}", f"{100 * t['fraction_of_copy']:.0f}%",
+                      f"{t['time_s'] / f['time_s']:.2f}x"])
+    return harness.aligned(head, lines)
 
 
 if __name__ == "__main__":

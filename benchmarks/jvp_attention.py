@@ -25,36 +25,35 @@ is reset through /proc/self/clear_refs, Linux only), on CUDA max_memory_allocate
 (for the backward rows: beyond the recorded forward). Before timing, the worker checks the result
 on the first 128 query rows of batch 0 (rows are independent, so this is exact) against fp64
 attention_ref: the output and tangent of its JVP, its output, or its grad_q for the backward rows;
-max error <= TOL[dtype] x max(1, max |exact|), else it aborts the benchmark.
+max error <= TOL[dtype] x max(1, max |exact|), else it aborts the benchmark (never timing that case).
 Time: median over repetitions after that warm-up run (CPU: time.perf_counter, fewer repetitions for
-longer runs; CUDA: triton.testing.do_bench).
+longer runs; CUDA: triton.testing.do_bench). Check, timing and memory are benchmarks/harness.py's.
 
 Run:  python benchmarks/jvp_attention.py           full run (fp32 on CPU: about 25 minutes)
       python benchmarks/jvp_attention.py --quick   smoke run: L 512, 1024 and D 64 only
-Writes OUT/jvp_attention.json (raw numbers and environment) and, with matplotlib, OUT/jvp_attention.png.
+Writes OUT/jvp_attention.json (raw numbers and environment), OUT/jvp_attention.records.json (one
+record a case: check, median, p20/p80, memory) and, with matplotlib, OUT/jvp_attention.png.
 """
 import argparse
 import json
 import os
 import platform
-import re
-import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scm_fast.ops import _registry, attention, attention_ref
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from scm_fast.ops import _registry, attention, attention_ref  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES, TOL, MiB = harness.DTYPES, harness.TOL, harness.MiB
 CHECK_ROWS = 128
 CPU_TARGET_S = 10.0  # CPU: repetitions ~ this many seconds per measurement, 1 to CPU_MAX_REPS
 CPU_MAX_REPS = 15
-MiB = 2 ** 20
 
 
 def parse_args(argv=None):
@@ -71,8 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("benchmarks", "out"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = harness.resolve_device(args.device)
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     if args.quick:
         args.L, args.D = [512, 1024], [64]
@@ -141,54 +139,25 @@ def exact_rows(kind, inputs):
 
 
 def check(method, outputs, inputs):
-    """Abort unless outputs match fp64 attention_ref on the first rows of batch 0."""
+    """harness.Check of outputs against fp64 attention_ref on the first rows of batch 0."""
     rows = slice(0, CHECK_ROWS)
     names, exact = exact_rows(KIND[method], inputs)
-    errors = {}
-    for name, got, want in zip(names, outputs, exact):
-        errors[name] = (got[:1, :, rows].double() - want).abs().max().item()
-        bound = TOL[inputs[0].dtype] * max(1.0, want.abs().max().item())
-        if not errors[name] <= bound:
-            sys.exit(f"MISMATCH: {method} L={inputs[0].shape[2]} D={inputs[0].shape[3]} {name}: "
-                     f"max error {errors[name]:.3e} > {bound:.3e} vs fp64 attention_ref")
-    return errors
+    return harness.check_close([got[:1, :, rows] for got in outputs], exact, TOL[inputs[0].dtype], names,
+                               label=f"{method} L={inputs[0].shape[2]} D={inputs[0].shape[3]}",
+                               reference="fp64 attention_ref")
 
 
 # ---- one measurement, in a fresh process -----------------------------------------------------
-def time_it(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def rss_kib(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
-
-
-def peak_extra_bytes(fn, device):
-    """(result of one call, peak memory it used beyond what was allocated before)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
-    base = rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    out = fn()
-    return out, (rss_kib("VmHWM") - base) * 1024
-
-
 def time_fn(fn, device, first_run_s):
-    """(median seconds, repetitions)."""
+    """harness.Timing: do_bench on CUDA; on CPU about CPU_TARGET_S seconds of perf_counter repetitions."""
     if device == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, return_mode="median") / 1e3, None
+        return harness.time_do_bench(fn)
     reps = max(1, min(CPU_MAX_REPS, round(CPU_TARGET_S / first_run_s)))
-    return statistics.median(time_it(fn) for _ in range(reps)), reps
+    return harness.time_loop(fn, reps, device, warmup=0)  # the checked first run was the warm-up
+
+
+def case_config(spec):
+    return {k: spec[k] for k in ("L", "D", "B", "H", "dtype", "device", "threads")}
 
 
 def worker(spec):
@@ -197,24 +166,21 @@ def worker(spec):
     method_fn(spec["method"], *make_inputs(1, 1, 16, spec["D"], dtype, device))()  # load code paths
     inputs = make_inputs(spec["B"], spec["H"], spec["L"], spec["D"], dtype, device)
     fn = method_fn(spec["method"], *inputs)
-    start = time.perf_counter()
-    out, extra = peak_extra_bytes(fn, device)
-    first_run_s = time.perf_counter() - start
-    errors = check(spec["method"], out, inputs)
-    del out
-    seconds, reps = time_fn(fn, device, first_run_s)
+    record = harness.run_case(spec["method"], case_config(spec), fn, lambda out: check(spec["method"], out, inputs),
+                              lambda fn, first_run_s: time_fn(fn, device, first_run_s),
+                              memory=harness.PeakMemory(device, cpu="rss"))
     op = {"jvp": "attention_fwd_jvp", "fwd": "attention_fwd", "bwd": "attention_bwd"}[KIND[spec["method"]]]
     backend = _registry.describe()[op][device]  # what this process dispatched to
-    print(json.dumps({"time_s": seconds, "reps": reps, "extra_bytes": extra, "max_errors": errors,
-                      "scm_fast_backend": backend}))
+    record.metrics["scm_fast_backend"] = backend
+    timing = record.timing
+    harness.reply(record, {} if timing is None else {
+        "time_s": timing.median, "reps": None if device == "cuda" else timing.reps,
+        "extra_bytes": record.memory_bytes, "max_errors": record.check.errors, "scm_fast_backend": backend})
 
 
-def measure(spec):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{spec['method']} L={spec['L']} D={spec['D']} failed:\n{proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def measure(spec, records, flop):
+    return harness.run_worker(__file__, spec, f"{spec['method']} L={spec['L']} D={spec['D']}", records,
+                              metrics={"flop": flop})
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -223,27 +189,27 @@ def matmul_rate(dtype, device):
     n = 8192 if device == "cuda" else 2048
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     if device == "cuda":
-        import triton.testing
-        seconds = triton.testing.do_bench(lambda: a @ b, return_mode="median") / 1e3
+        seconds = harness.time_do_bench(lambda: a @ b).median
     else:
-        a @ b
-        seconds = statistics.median(time_it(lambda: a @ b) for _ in range(5))
+        seconds = harness.time_loop(lambda: a @ b, 5, device, warmup=1).median
     return 2 * n ** 3 / seconds
 
 
-def run_all(args, methods, notes):
+def run_all(args, methods, notes, records):
     runs = [(L, D, m) for D in args.D for L in args.L for m in methods]
     results = []
     for i, (L, D, method) in enumerate(runs, 1):
         flop = FLOP_PER_L2D[KIND[method]] * args.B * args.H * L * L * D
         row = {"method": method, "L": L, "D": D, "flop": flop}
-        if method == "math" and args.skip_math_above and L > args.skip_math_above:
-            results.append({**row, "skipped": True})
-            continue
-        print(f"[{i:2d}/{len(runs)}] {method:9s} L={L:5d} D={D:3d} ...", end=" ", file=sys.stderr, flush=True)
         spec = {"method": method, "L": L, "D": D, "B": args.B, "H": args.H, "dtype": args.dtype,
                 "device": args.device, "threads": args.threads}
-        results.append({**row, **measure(spec)})
+        if method == "math" and args.skip_math_above and L > args.skip_math_above:
+            results.append({**row, "skipped": True})
+            skipped = harness.Check("skipped", message=f"--skip-math-above {args.skip_math_above}")
+            records.add(harness.Record(method, case_config(spec), skipped, metrics={"flop": flop}))
+            continue
+        print(f"[{i:2d}/{len(runs)}] {method:9s} L={L:5d} D={D:3d} ...", end=" ", file=sys.stderr, flush=True)
+        results.append({**row, **measure(spec, records, flop)})
         r = results[-1]
         print(f"{fmt_time(r['time_s'])}, {r['extra_bytes'] / MiB:.0f} MiB", file=sys.stderr, flush=True)
     if args.skip_math_above and any(L > args.skip_math_above for L in args.L):
@@ -277,7 +243,7 @@ def table(args, results, rate):
                 j = get[("jvp_flash", L, D)]
                 row += [fmt_time(j["time_s"]), f"{j['extra_bytes'] / MiB:.0f}"]
             lines.append([str(c) for c in row])
-    return aligned(head, lines)
+    return harness.aligned(head, lines)
 
 
 def fwd_bwd_table(args, results, unit, scale):
@@ -294,12 +260,7 @@ def fwd_bwd_table(args, results, unit, scale):
                 f"{ff['flop'] / ff['time_s'] / scale:.1f}", fmt_time(fb["time_s"]),
                 f"{fb['extra_bytes'] / MiB:.0f}", fmt_time(sb["time_s"]), f"{sb['extra_bytes'] / MiB:.0f}",
                 f"{fb['time_s'] / sb['time_s']:.2f}", f"{fb['flop'] / fb['time_s'] / scale:.1f}")])
-    return aligned(head, lines)
-
-
-def aligned(head, lines):
-    widths = [max(len(r[i]) for r in [head] + lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + lines)
+    return harness.aligned(head, lines)
 
 
 def plot(results, path):
@@ -346,7 +307,8 @@ def main():
                      ("not installed)" if args.device == "cuda" else "CUDA only)"))
     rate = matmul_rate(DTYPES[args.dtype], args.device)
     began = time.perf_counter()
-    results = run_all(args, methods, notes)
+    records = harness.Records(args.out, "jvp_attention")
+    results = run_all(args, methods, notes, records)
     rate = max(rate, matmul_rate(DTYPES[args.dtype], args.device))  # the machine's best, before or after
     env = environment(args, rate)
     os.makedirs(args.out, exist_ok=True)
@@ -358,6 +320,7 @@ def main():
         notes.append("matplotlib not installed: no plot (pip install matplotlib)")
     with open(written[0], "w") as f:
         json.dump({"environment": env, "notes": notes, "results": results}, f, indent=2)
+    written.insert(1, records.write(env))
     unit, scale = ("TFLOP/s", 1e12) if args.device == "cuda" else ("GFLOP/s", 1e9)
     print(f"\nscm_fast backend: {backend}; {env['device']}, {args.dtype}, B={args.B} H={args.H}, "
           f"{env['threads']} threads; matmul rate {rate / scale:.1f} {unit}; "

@@ -14,33 +14,36 @@ one step for memory: the peak of live allocated bytes during the timed steps abo
 (on CUDA max_memory_allocated; on CPU glibc's mallinfo2 in-use bytes, heap + mmapped, sampled
 every 2 ms by a thread). Peak RSS is not used: what the heap keeps from earlier steps moved the
 baselines' RSS figure by 3x between runs.
-Before timing, the first step's loss of each method is compared with the fused one (same seed).
+Before timing, the first (warm-up) step's loss of each method is compared with the fused one (same
+seed; fused runs first): a mismatch aborts the benchmark before that method is timed.
+Timing, memory and the records are benchmarks/harness.py's.
 
 Run:  python benchmarks/train_step.py           DiT 1024 tokens (64x64x4, patch 2), hidden 384,
                                                 6 heads, 12 blocks, batch 4, fp32 (the issue's target)
       python benchmarks/train_step.py --quick   a small model (a smoke run)
-Writes OUT/train_step.json.
+Writes OUT/train_step.json and OUT/train_step.records.json (one record a method: check, median,
+p20/p80, memory).
 """
 import argparse
 import contextlib
-import ctypes
+import itertools
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
-import threading
-import time
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from scm_fast import objectives
-from scm_fast.models import DiT, DiTConfig, use_pytorch_ops
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+from scm_fast import objectives  # noqa: E402
+from scm_fast.models import DiT, DiTConfig, use_pytorch_ops  # noqa: E402
 
-METHODS = ("fused", "two_math", "two_mixed")
-MiB = 2 ** 20
+METHODS = ("fused", "two_math", "two_mixed")  # fused first: the others' first loss is checked against it
+MiB = harness.MiB
+LOSS_TOL = 1e-3  # first loss: |loss - fused| <= LOSS_TOL x max(1, |fused|)
 
 
 def parse_args(argv=None):
@@ -59,47 +62,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join("benchmarks", "out"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = harness.resolve_device(args.device)
     if args.quick:
         args.img, args.hidden, args.heads, args.depth = 16, 64, 2, 2
     return args
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
-def malloc_in_use():
-    """Bytes malloc has handed out and not taken back (heap in use + mmapped chunks), glibc >= 2.33."""
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-class PeakSampler:
-    """Samples malloc_in_use() every `period` s in a thread; .peak is the largest value seen."""
-
-    def __init__(self, period=0.002):
-        self.period, self.peak, self._stop = period, malloc_in_use(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, malloc_in_use())
-            time.sleep(self.period)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, malloc_in_use())
 
 
 def model_F(method, model):
@@ -132,41 +98,36 @@ def worker(spec):
     x0 = torch.randn(spec["batch"], cfg.in_channels, cfg.img_size, cfg.img_size,
                      generator=torch.Generator().manual_seed(1)).to(device)
 
-    def step(seed):
-        loss, _ = objectives.scm_loss(F, x0, 100, scm, generator=torch.Generator(device).manual_seed(seed))
+    seeds = itertools.count()  # step i uses seed i: the same for every method
+
+    def step():
+        loss, _ = objectives.scm_loss(F, x0, 100, scm, generator=torch.Generator(device).manual_seed(next(seeds)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.item()
 
-    first_loss = step(0)  # warm-up; the same seed for every method
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = malloc_in_use()
-    times = []
-    for i in range(spec["reps"]):  # timed steps, without the memory sampler (it takes malloc's lock)
-        start = time.perf_counter()
-        step(i + 1)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    with PeakSampler() if device == "cpu" else contextlib.nullcontext() as sampler:  # one more step for memory
-        step(spec["reps"] + 1)
-    extra = torch.cuda.max_memory_allocated() - base if device == "cuda" else sampler.peak - base
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"time_s": statistics.median(times), "times": times, "extra_bytes": extra,
-                      "first_loss": first_loss, "params": params}))
-
-
-def measure(spec):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{spec['method']} failed:\n{proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    config = {k: v for k, v in spec.items() if k not in ("method", "ref_loss")}
+    first_loss = step()  # warm-up, checked before any timing
+    if spec.get("ref_loss") is None:
+        check = harness.Check("reference")
+    else:
+        check = harness.check_close([first_loss], [spec["ref_loss"]], LOSS_TOL, ["first loss"], label=method,
+                                    reference="fused")
+        if not check.ok:
+            check.message = f"MISMATCH: {method} first loss {first_loss} vs fused {spec['ref_loss']}"
+    record = harness.Record(method, config, check, metrics={"first_loss": first_loss, "params": params})
+    if not check.ok:
+        harness.reply(record, {})
+    memory = harness.PeakMemory(device, cpu="malloc").begin()
+    # timed steps, without the memory sampler (it takes malloc's lock); on CUDA the peak spans them too
+    record.timing = harness.time_loop(step, spec["reps"], device, warmup=0)
+    with memory.sampling():  # one more step for memory
+        step()
+    record.memory_bytes, record.memory_method = memory.end(), memory.method
+    harness.reply(record, {"time_s": record.timing.median, "times": record.timing.times,
+                           "extra_bytes": record.memory_bytes, "first_loss": first_loss, "params": params})
 
 
 def main():
@@ -179,15 +140,13 @@ def main():
     print(f"DiT {tokens} tokens, hidden {args.hidden}, {args.heads} heads, {args.depth} blocks, batch {args.batch}, "
           f"fp32, {args.device}, {args.threads} threads", file=sys.stderr)
     results = {}
+    records = harness.Records(args.out, "train_step")
     for method in METHODS:
         print(f"  {method} ...", end=" ", file=sys.stderr, flush=True)
-        results[method] = measure({**spec, "method": method})
+        ref = results["fused"]["first_loss"] if "fused" in results else None  # same data, seed and weights
+        results[method] = harness.run_worker(__file__, {**spec, "method": method, "ref_loss": ref}, method, records)
         r = results[method]
         print(f"{r['time_s']:.2f} s, {r['extra_bytes'] / MiB:.0f} MiB, loss {r['first_loss']:.6f}", file=sys.stderr)
-    ref = results["fused"]["first_loss"]
-    for method, r in results.items():  # same data, seed and weights: the same loss up to rounding
-        if abs(r["first_loss"] - ref) > 1e-3 * max(1.0, abs(ref)):
-            sys.exit(f"MISMATCH: {method} first loss {r['first_loss']} vs fused {ref}")
     f = results["fused"]
     print(f"\nDiT {tokens} tokens, hidden {args.hidden}, {args.heads} heads, {args.depth} blocks, batch {args.batch}, "
           f"{f['params'] / 1e6:.1f} M params, fp32; {args.device}, {args.threads} threads; median of {args.reps} steps\n")
@@ -197,10 +156,10 @@ def main():
               f"{r['time_s'] / f['time_s']:14.2f}x  {f['extra_bytes'] / max(r['extra_bytes'], 1):11.2f}x")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "train_step.json")
+    env = {"torch": torch.__version__, "platform": platform.platform(), **spec}
     with open(path, "w") as fh:
-        json.dump({"environment": {"torch": torch.__version__, "platform": platform.platform(), **spec},
-                   "results": results}, fh, indent=2)
-    print(f"wrote {path}")
+        json.dump({"environment": env, "results": results}, fh, indent=2)
+    print(f"wrote {path}, {records.write(env)}")
 
 
 if __name__ == "__main__":
