@@ -25,7 +25,7 @@ train: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m pip install -q matplotlib
-	$(PY) -m scm_fast.reproduce $(ARGS)
+	$(PY) experiments/reproduce.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m scm_fast.info

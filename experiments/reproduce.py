@@ -1,7 +1,7 @@
 """Evidence: sCM's claims [P §9] reproduced on the embedded digits, on a CPU, with one command.
 
-    python -m scm_fast.reproduce [--out docs] [--runs-dir runs/reproduce] [--seeds 0,1,2] [--jobs 2]
-                                 [--quick] [--runs teacher,scd]
+    python experiments/reproduce.py [--out docs] [--runs-dir runs/reproduce] [--seeds 0,1,2] [--jobs 2]
+                                      [--quick] [--runs teacher,scd]
 
 Trains every configuration once per training seed, as `python -m scm_fast.train` with explicit flags:
 - a TrigFlow diffusion teacher (digits-teacher);
@@ -19,13 +19,16 @@ weights, times and noise), counting non-finite tangent entries and the error of 
 `--jobs` jobs run side by side with `--threads` torch threads each (default: one per core: this small
 network gains more from two processes than from two threads), respecting the teacher dependency.
 
-Writes OUT/results.md, OUT/results.json and OUT/results/*.png (scm_fast.reproduce_report), with
+Writes OUT/results.md, OUT/results.json and OUT/results/*.png (reproduce_report.py), with
 RUNS_DIR/summary.json. Resumable: a finished job is not trained again, an unfinished one resumes from
 its newest checkpoint, scores are cached in RUNS_DIR/<run>-s<seed>/scores.json.
 `--quick` runs the same pipeline tiny (defaults: RUNS_DIR runs/reproduce-quick, OUT RUNS_DIR/docs).
-Needs matplotlib (`pip install matplotlib`) for the plots.
+Needs matplotlib (`pip install matplotlib`) for the plots. An experiment, not part of the package:
+it drives the trainer's command line and reads runs with the package's public pieces (scm_fast.runs,
+scm_fast.sample, scm_fast.train.build / evaluate, scm_fast.eval).
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,13 +40,16 @@ from pathlib import Path
 
 import torch
 
-from scm_fast import checkpoint, config, data, objectives, sample, trigflow
+from scm_fast import checkpoint, config, data, objectives, runs, sample, trigflow
 from scm_fast import eval as sfeval
+from scm_fast.models import build_network
+from scm_fast.precision import autocast
+from scm_fast.train import NonFiniteStop
+from scm_fast.train.build import init_weights
+from scm_fast.train.evaluate import sample_settings
 
 SEEDS = (0, 1, 2)
 T_MIDS = (0.6, 0.8, 1.0, 1.1, 1.2, 1.3, 1.4)  # the 2-step sampler's intermediate times swept
-TEACHER_SETTINGS = (("heun-nfe35", 18),)
-STUDENT_SETTINGS = (("1step", 1), ("2step", 2))
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def is_trained(run, seed, runs_dir):
     d = job_dir(runs_dir, run, seed)
     if (d / "stopped.json").exists():
         return True
-    last = checkpoint.latest(d / "checkpoints", log=None)
+    last = checkpoint.latest(d / runs.CHECKPOINTS, log=None)
     steps = config.steps_for(run.kimg, _preset(run.preset).batch)
     return last is not None and checkpoint.step_of(last) >= steps and any((d / "samples").glob("final-*.png"))
 
@@ -141,10 +147,9 @@ def train(run, seed, runs_dir, threads, log=print):
     with open(d / "trainer.out", "a") as out:
         rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
     if rc != 0:
-        text = (d / "trainer.out").read_text()
-        if "non-finite steps in a row" not in text:
+        if rc != NonFiniteStop.exit_code:
             raise SystemExit(f"{d.name}: the trainer failed (exit {rc}); see {d / 'trainer.out'}")
-        reason = [line for line in text.splitlines() if "non-finite steps in a row" in line][-1]
+        reason = (d / "trainer.out").read_text().splitlines()[-1]  # the trainer's last words: its message
         (d / "stopped.json").write_text(json.dumps({"reason": reason}))
         log(f"{d.name}: stopped by the trainer: {reason}")
     return time.time() - t0
@@ -168,7 +173,7 @@ def fd_scores(net, cfg, shape, num_classes, n, settings, times=None):
 
 
 def settings_of(cfg):
-    return TEACHER_SETTINGS if cfg.objective == "diffusion" else STUDENT_SETTINGS
+    return sample_settings(cfg.objective)
 
 
 def initial_network(run_dir, shape, num_classes):
@@ -176,14 +181,8 @@ def initial_network(run_dir, shape, num_classes):
     source run's EMA weights with the guidance embedding's output layer zeroed."""
     cfg = config.from_dict(json.loads((run_dir / "config.json").read_text()))
     torch.manual_seed(cfg.seed)
-    net = sample.build_network(cfg, shape, num_classes)
-    source = cfg.init or (cfg.teacher if cfg.objective == "scd" else "")
-    if source:
-        net.load_state_dict(sample.load_run(source)[0].state_dict(), strict=False)
-        guidance = getattr(net, "guidance", None)
-        if guidance is not None:
-            torch.nn.init.zeros_(guidance.mlp[2].weight)
-            torch.nn.init.zeros_(guidance.mlp[2].bias)
+    net = build_network(cfg, shape, num_classes)
+    init_weights(net, cfg, None, "cpu", log=lambda _msg: None)
     return net.eval().requires_grad_(False), cfg
 
 
@@ -208,8 +207,8 @@ def score_job(run, seed, runs_dir, n, log=print):
     """{curve, final_raw, t_mid_sweep, probe, train_stats} of one trained job (cached)."""
     d = job_dir(runs_dir, run, seed)
     cache = ScoreCache(d, n)
-    ckpts = checkpoint.list_checkpoints(d / "checkpoints")
-    meta = checkpoint.read_object(ckpts[0], "meta")
+    ckpts = checkpoint.list_checkpoints(d / runs.CHECKPOINTS)
+    meta = checkpoint.read_object(ckpts[0], runs.META)
     shape, K = tuple(meta["shape"]), meta["num_classes"]
     curve = []
     for step, ckpt in [(0, None)] + [(checkpoint.step_of(c), c) for c in ckpts]:
@@ -230,19 +229,19 @@ def _curve_point(run_dir, ckpt, shape, K, n):
         net, cfg = initial_network(run_dir, shape, K)
         kimg, step = 0.0, 0
     else:
-        net, cfg, m = sample.load_run(ckpt)
+        net, cfg, m = runs.load_run(ckpt)
         kimg, step = m["cur_nimg"] / 1000, m["step"]
     return {"step": step, "kimg": kimg, "scores": fd_scores(net, cfg, shape, K, n, settings_of(cfg))}
 
 
 def _final_scores(ckpt, shape, K, n, ema):
-    net, cfg, _ = sample.load_run(ckpt, ema=ema)
+    net, cfg, _ = runs.load_run(ckpt, ema=ema)
     return fd_scores(net, cfg, shape, K, n, settings_of(cfg))
 
 
 def t_mid_sweep(ckpt, shape, K, n):
     """{t_mid: FD} of the 2-step sampler (t_max(sigma_d), t_mid) on a checkpoint's EMA."""
-    net, cfg, _ = sample.load_run(ckpt)
+    net, cfg, _ = runs.load_run(ckpt)
     tmax = trigflow.t_max(cfg.sigma_d)
     return {f"{t:g}": fd_scores(net, cfg, shape, K, n, (("2step", 2),), times=(tmax, t))["2step"]["fd"]
             for t in T_MIDS}
@@ -267,17 +266,17 @@ def tangent_probe(ckpt, batches=4, batch=128, seed=0):
     """Non-finite tangent entries and the error of ||g|| (fp16 vs fp32) of objectives.scm_loss on a
     checkpoint's training weights, for the naive tangent and the JVP rearrangement on the same x0,
     t and noise. Returns {naive|rearranged: {nonfinite, entries, g_rel_err_median, g_rel_err_max}}."""
-    net, cfg, _ = sample.load_run(ckpt, ema="none")
+    net, cfg, _ = runs.load_run(ckpt, ema="none")
     ds = data.digits()
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:batches * batch]
     out = {}
     for jvp in ("naive", "rearranged"):
-        scm = objectives.SCMConfig(sigma_d=cfg.sigma_d, P_mean=cfg.P_mean, P_std=cfg.P_std, tangent_warmup=0,
-                                   tangent_norm=cfg.tangent_norm, rearranged_jvp=jvp == "rearranged", one_pass=False)
+        scm = dataclasses.replace(config.scm_config(cfg), tangent_warmup=0, rearranged_jvp=jvp == "rearranged",
+                                  one_pass=False)
         nonfinite, errs = 0, []
         for b in range(batches):
             x0, labels = ds.get_batch(idx[b * batch:(b + 1) * batch])
-            s16, s32 = (_probe_stats(net, scm, x0, labels, dtype, seed + b) for dtype in (torch.float16, None))
+            s16, s32 = (_probe_stats(net, scm, x0, labels, precision, seed + b) for precision in ("fp16", "fp32"))
             nonfinite += int(s16["nonfinite_tangent"])
             errs.append(((s16["g_norm"] - s32["g_norm"]).abs() / s32["g_norm"]).nan_to_num(float("inf")))
         errs = torch.cat(errs)
@@ -286,10 +285,10 @@ def tangent_probe(ckpt, batches=4, batch=128, seed=0):
     return out
 
 
-def _probe_stats(net, scm, x0, labels, dtype, seed):
-    """scm_loss's stats with the network under autocast(dtype) (None: fp32)."""
+def _probe_stats(net, scm, x0, labels, precision, seed):
+    """scm_loss's stats with the network under the autocast of --precision `precision`."""
     def F(x_in, t, **c):
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast("cpu", precision):
             return net(x_in, t, **c)
     _, stats = objectives.scm_loss(F, x0, 10 ** 9, scm, {"labels": labels},
                                    generator=torch.Generator().manual_seed(seed))
@@ -312,7 +311,7 @@ def run_job(run, seed, args, log=print):
 
 
 def schedule(jobs, args, log):
-    """Run `python -m scm_fast.reproduce --job NAME:SEED` subprocesses, args.jobs at a time; a
+    """Run `python experiments/reproduce.py --job NAME:SEED` subprocesses, args.jobs at a time; a
     student starts once the teacher of its seed has finished. Returns the jobs that failed."""
     pending, running, done, failed = list(jobs), {}, set(), []
     while pending or running:
@@ -344,7 +343,7 @@ def _spawn(job, args):
     run, seed = job
     d = job_dir(args.runs_dir, run, seed)
     d.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "scm_fast.reproduce", "--job", f"{run.name}:{seed}", "--runs-dir",
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--job", f"{run.name}:{seed}", "--runs-dir",
            str(args.runs_dir), "--threads", str(args.threads), "--n", str(args.n)] + (["--quick"] if args.quick else [])
     out = open(d / "job.out", "a")
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -352,7 +351,7 @@ def _spawn(job, args):
 
 # ---- command line ---------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scm_fast.reproduce", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python experiments/reproduce.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="where results.md, results.json and results/ go (default docs; "
                                                "--quick: RUNS_DIR/docs)")
     p.add_argument("--runs-dir", default=None, help="run directories (default runs/reproduce; --quick: "
@@ -392,7 +391,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         run_job(next(r for r in args.plan if r.name == name), int(seed), args, log=_log)
         return None
-    from scm_fast import reproduce_report as report
+    import reproduce_report as report  # (beside this file: the script's directory is on sys.path)
     t0, load_start, started = time.time(), os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M %Z")
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(r, s) for r in args.plan for s in args.seeds]  # in plan order: teachers first, students next

@@ -193,7 +193,8 @@ class _EMABase:
 
 
 class PowerEMA(_EMABase):
-    """Power-function EMAs [EDM2 Sec. 3.1], one per sigma_rel; update once per optimizer step."""
+    """Power-function EMAs [EDM2 Sec. 3.1], one per sigma_rel; update once per optimizer step.
+    Both kinds share `update(tensors, cur_nimg, batch_images)`."""
 
     kind = "power"
 
@@ -214,14 +215,19 @@ class PowerEMA(_EMABase):
         """beta_t = (1 - 1/t)^(gamma + 1) [EDM2 Eq. 4]; 0 at t = 1 (the first update copies)."""
         return (1.0 - 1.0 / step) ** (gamma + 1.0)
 
-    def update(self, tensors, step):
-        """Fold in the weights after `step` (>= 1) optimizer steps."""
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-            raise ValueError(f"PowerEMA.update: step must be an int >= 1 (optimizer steps done so far), got {step!r}")
+    def update(self, tensors, cur_nimg, batch_images):
+        """Fold in the weights after a step on `batch_images` images; `cur_nimg` counts them, so the
+        step is t = cur_nimg / batch_images >= 1 (EDM2's PowerFunctionEMA.update(cur_nimg, batch_size))."""
+        if not batch_images > 0:
+            raise ValueError(f"PowerEMA.update: batch_images must be > 0, got {batch_images}")
+        if not cur_nimg >= batch_images:
+            raise ValueError(f"PowerEMA.update: cur_nimg must count images seen so far including this batch "
+                             f"(>= batch_images = {batch_images}), got {cur_nimg}")
         self._check_update(tensors)
+        step = cur_nimg / batch_images
         for name, gamma in zip(self.names, self.gammas):
-            self._averages[name].blend(tensors, self.beta(int(step), gamma))
-        self.step = int(step)
+            self._averages[name].blend(tensors, self.beta(step, gamma))
+        self.step = round(step)
 
     def _config(self):
         return {"sigma_rels": list(self.sigma_rels)}

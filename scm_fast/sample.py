@@ -9,67 +9,29 @@ from t = 1 to 0. Writes OUTDIR/grid.png, OUTDIR/images/NNNNNN.png and OUTDIR/sam
 (images uint8 (N, H, W, C), labels int64).
 """
 import argparse
+import importlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from scm_fast import checkpoint, config, images, trigflow
-from scm_fast.models import DiT, UNet, dit_config, unet_config
+from scm_fast import images, runs, trigflow
+from scm_fast.precision import autocast
 
 
-# ---- networks from run directories ----------------------------------------------------------
-def build_network(cfg, shape, num_classes):
-    """The network F_theta(x_in, t, labels, guidance, r) a TrainConfig describes, for data of
-    shape (C, H, W) with num_classes classes (0: unconditional)."""
-    C, H, W = shape
-    if H != W:
-        raise ValueError(f"images must be square, got {H}x{W} (pass --img-size to resize)")
-    kw = dict(img_size=H, in_channels=C, num_classes=num_classes if cfg.class_cond else 0,
-              guidance_embed=cfg.objective == "scd", second_time=cfg.objective == "meanflow")
-    if cfg.arch == "dit":
-        return DiT(dit_config(cfg.model, patch=cfg.patch or (2 if H % 2 == 0 and H >= 8 else 1), **kw))
-    return UNet(unet_config(cfg.model, dropout=cfg.dropout, dropout_res=cfg.dropout_res, **kw))
+_MOVED = {"build_network": "scm_fast.models", "load_run": "scm_fast.runs", "resolve_checkpoint": "scm_fast.runs"}
 
 
-def resolve_checkpoint(path):
-    """A checkpoint directory from a run directory (its newest good checkpoint) or a checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (expected a run directory or a checkpoint directory)")
-    if (path / "MANIFEST.json").exists():
-        checkpoint.verify(path)
-        return path
-    found = checkpoint.latest(path / "checkpoints")
-    if found is None:
-        raise FileNotFoundError(f"no usable checkpoint under {path / 'checkpoints'}")
-    return found
-
-
-def load_run(path, ema=None, device="cpu"):
-    """(network in eval mode with the chosen weights, TrainConfig, meta) of a run or checkpoint.
-    ema: an EMA name (e.g. 'halflife-10k', 'power-0.050'), 'none' for the raw weights, or None for
-    the first EMA the run kept (the raw weights if it kept none)."""
-    ckpt = resolve_checkpoint(path)
-    meta = checkpoint.read_object(ckpt, "meta")
-    cfg = config.from_dict(meta["config"])
-    net = build_network(cfg, tuple(meta["shape"]), meta["num_classes"])
-    names = meta.get("ema_names", [])
-    name = ema if ema is not None else (names[0] if names else "none")
-    if name != "none" and name not in names:
-        raise ValueError(f"--ema {name!r} not in this run's EMAs {names} (or 'none')")
-    stem = "model" if name == "none" else f"ema-{name}"
-    weights = checkpoint.read_tensors(ckpt, stem)
-    weights = {k: v for k, v in weights.items() if not k.startswith("logvar.")}
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    buffers = {n for n, _ in net.named_buffers()}
-    if unexpected or set(missing) - buffers:
-        raise ValueError(f"{ckpt / (stem + '.safetensors')} does not fit the network its config describes: "
-                         f"missing {sorted(set(missing) - buffers)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    return net.to(device).eval().requires_grad_(False), cfg, {**meta, "checkpoint": str(ckpt), "weights": stem}
+def __getattr__(name):
+    """Deprecated aliases (one release): the run format moved to scm_fast.runs, networks to scm_fast.models."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"scm_fast.sample.{name} moved to {_MOVED[name]}.{name}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(_MOVED[name]), name)
 
 
 # ---- generating -----------------------------------------------------------------------------
@@ -81,20 +43,16 @@ def class_labels(n, num_classes, device="cpu"):
 def network_fn(net, cfg, labels, guidance, precision="fp32"):
     """F(x_in, t) with the run's conditioning: class labels, the sCD student's guidance input, or
     the teacher's classifier-free guidance F_u + s (F_c - F_u) (objective 'diffusion')."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
     def F(x_in, t, labels=labels, **extra):
         cond = {} if labels is None else {"labels": labels}
-        with torch.autocast(x_in.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(x_in.device.type, precision):
             return net(x_in, t, **cond, **extra).float()
 
     if cfg.objective == "scd":
         return lambda x_in, t: F(x_in, t, guidance=torch.full_like(t, guidance))
-    if cfg.objective == "diffusion" and labels is not None and guidance != 1.0:
-        def F_cfg(x_in, t):
-            F_c, F_u = F(x_in, t), F(x_in, t, labels=torch.full_like(labels, -1))
-            return F_u + guidance * (F_c - F_u)
-        return F_cfg
+    if cfg.objective == "diffusion" and labels is not None:
+        guided = trigflow.cfg(F, guidance)  # F_u + s (F_c - F_u); F_c alone at s = 1
+        return lambda x_in, t: guided(x_in, t, labels=labels)
     return F
 
 
@@ -174,7 +132,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    net, cfg, meta = load_run(args.ckpt, args.ema, device)
+    net, cfg, meta = runs.load_run(args.ckpt, args.ema, device)
     shape, K = tuple(meta["shape"]), meta["num_classes"] if cfg.class_cond else 0
     if args.label is not None and not 0 <= args.label < max(K, 1):
         raise SystemExit(f"--label must be in [0, {K}) for this run, got {args.label}")

@@ -65,7 +65,7 @@ def test_power_names_and_dtypes():
 def test_power_step1_copies_and_nonfloat_copied():
     ema = PowerEMA(_weights(0))
     new = _weights(1, dtype=torch.bfloat16)
-    ema.update(new, step=1)
+    ema.update(new, cur_nimg=64, batch_images=64)
     for name in ema.names:
         avg = ema.averaged(name)
         assert torch.equal(avg["w"], new["w"].float()) and torch.equal(avg["b"], new["b"].float())
@@ -76,7 +76,7 @@ def test_power_constant_stays_constant():
     w = _weights(3)
     ema = PowerEMA(_weights(0))
     for step in range(1, 200):
-        ema.update(w, step)
+        ema.update(w, cur_nimg=64 * step, batch_images=64)
     for name in ema.names:
         assert torch.equal(ema.averaged(name)["w"], w["w"])
 
@@ -88,7 +88,7 @@ def test_power_linear_weight_matches_closed_form(dtype):
     T = 1000
     ema = PowerEMA({"w": torch.zeros(4, dtype=dtype)})
     for t in range(1, T + 1):
-        ema.update({"w": torch.full((4,), float(t), dtype=dtype)}, t)
+        ema.update({"w": torch.full((4,), float(t), dtype=dtype)}, cur_nimg=32 * t, batch_images=32)
     for name, gamma in zip(ema.names, ema.gammas):
         damping = (np.arange(1, T, dtype=np.float64) / T) ** (gamma + 1)
         expected = T - damping.sum()
@@ -102,17 +102,19 @@ def test_power_linear_weight_matches_closed_form(dtype):
 
 def test_power_update_validates():
     ema = PowerEMA(_weights())
-    with pytest.raises(ValueError, match="step must be an int >= 1"):
-        ema.update(_weights(), 0)
+    with pytest.raises(ValueError, match="cur_nimg must count images seen so far including this batch"):
+        ema.update(_weights(), cur_nimg=0, batch_images=64)
+    with pytest.raises(ValueError, match="batch_images must be > 0"):
+        ema.update(_weights(), cur_nimg=64, batch_images=0)
     bad = _weights()
     del bad["b"]
     bad["extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing \['b'\]; unexpected \['extra'\]"):
-        ema.update(bad, 1)
+        ema.update(bad, 64, 64)
     bad = _weights()
     bad["w"] = torch.zeros(5, 3)
     with pytest.raises(ValueError, match=r"w: expected shape \(3, 5\), got \(5, 3\)"):
-        ema.update(bad, 1)
+        ema.update(bad, 64, 64)
     with pytest.raises(ValueError, match="sigma_rel must satisfy"):
         PowerEMA(_weights(), sigma_rels=(0.05, 0.5))
 
@@ -146,10 +148,7 @@ def test_halflife_rampup():
 def _run(ema, start, stop):
     for step in range(start, stop):
         w = _weights(step)
-        if isinstance(ema, PowerEMA):
-            ema.update(w, step)
-        else:
-            ema.update(w, cur_nimg=64 * step, batch_images=64)
+        ema.update(w, cur_nimg=64 * step, batch_images=64)
 
 
 @pytest.mark.parametrize("kind", ["power", "halflife"])

@@ -1,4 +1,4 @@
-"""The evidence job, `python -m scm_fast.reproduce --quick`, end to end in subprocesses.
+"""The evidence job, `python experiments/reproduce.py --quick`, end to end in subprocesses.
 
 The quick version trains the same configurations tiny (teacher and sCT from scratch 12.8 kimg, the
 others 6.4 kimg; one training seed), scores n = 500 samples per point and writes results.md,
@@ -18,11 +18,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
 FACTOR = 2.0  # measured on the 2-core CPU: untrained 2-step FD 923, quick sCD (6.4 kimg) 349 (2.6x)
 
 
 def _reproduce(runs, out, *extra):
-    cmd = [sys.executable, "-m", "scm_fast.reproduce", "--quick", "--runs-dir", str(runs), "--out", str(out), *extra]
+    cmd = [sys.executable, str(EXPERIMENTS / "reproduce.py"), "--quick", "--runs-dir", str(runs), "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads((runs / "summary.json").read_text())
@@ -30,11 +31,14 @@ def _reproduce(runs, out, *extra):
 
 def _untrained_2step_fd(job):
     """2-step FD of the sCD student's architecture with fresh seeded weights (no teacher)."""
-    from scm_fast import checkpoint, config, reproduce, sample
+    from scm_fast import checkpoint, config
+    from scm_fast.models import build_network
+    sys.path.insert(0, str(EXPERIMENTS))
+    import reproduce
     cfg = config.from_dict(json.loads((Path(job["run_dir"]) / "config.json").read_text()))
     meta = checkpoint.read_object(checkpoint.list_checkpoints(Path(job["run_dir"]) / "checkpoints")[0], "meta")
     torch.manual_seed(cfg.seed)
-    net = sample.build_network(cfg, tuple(meta["shape"]), meta["num_classes"]).eval().requires_grad_(False)
+    net = build_network(cfg, tuple(meta["shape"]), meta["num_classes"]).eval().requires_grad_(False)
     return reproduce.fd_scores(net, cfg, tuple(meta["shape"]), meta["num_classes"], 500, (("2step", 2),))["2step"]["fd"]
 
 

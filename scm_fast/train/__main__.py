@@ -1,0 +1,5 @@
+import sys
+
+from scm_fast.train.loop import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""Setting a run up: the data, the network (and the sCD teacher, the initial weights, the weight
+head), the parallel wrappers, the optimizer, the loss scaler, the EMA, the data order and the noise.
+Everything the step reads or changes is one `Parts`; CheckpointIO saves and restores it."""
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from scm_fast import checkpoint, config, data, ema, objectives, runs, trigflow
+from scm_fast.models import AdaptiveWeight, build_network
+from scm_fast.train import distributed
+from scm_fast.train.distributed import RunError
+
+
+@dataclass
+class Parts:
+    data: Any
+    num_classes: int
+    raw_net: torch.nn.Module          # the network itself (what is saved, sampled and averaged)
+    net: torch.nn.Module              # the same network as the step calls it (DDP / FSDP2 wrapped)
+    raw_logvar: Any                   # the adaptive weight head [P §4.2], or None
+    logvar: Any
+    teacher: Any                      # sCD: the TrigFlow teacher (frozen), or None
+    teacher_cfg: Any
+    opt: torch.optim.Optimizer
+    scaler: "LossScaler"
+    ema: Any                          # PowerEMA / HalfLifeEMA, or None
+    sampler: data.ShardedSampler
+    gen: trigflow.BatchGenerator
+    scm_cfg: objectives.SCMConfig
+    params: list                      # what the optimizer steps: the network's parameters, then the head's
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (halve on overflow, double after `interval` clean steps);
+    disabled (scale 1) otherwise."""
+
+    def __init__(self, enabled, scale=2.0 ** 14, interval=1000):
+        self.enabled, self.scale, self.interval, self.clean = enabled, scale if enabled else 1.0, interval, 0
+
+    def update(self, finite):
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.clean = max(self.scale / 2, 1.0), 0
+            return
+        self.clean += 1
+        if self.clean % self.interval == 0:
+            self.scale *= 2
+
+    def state_dict(self):
+        return {"scale": self.scale, "clean": self.clean}
+
+    def load_state_dict(self, d):
+        self.scale, self.clean = float(d["scale"]), int(d["clean"])
+
+
+def make_optimizer(cfg, params, cuda):
+    kind = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cuda and cfg.optimizer != "radam":
+        kw["fused"] = True
+    else:
+        kw["foreach"] = True
+    return kind(params, **kw)
+
+
+def dataset(cfg):
+    """The training data; RunError naming --data when it cannot be read."""
+    try:
+        return data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
+    except (OSError, ValueError) as err:  # a message, not a traceback, and no run dir for a bad --data
+        msg = str(err)
+        raise RunError(msg if msg.startswith("--data") else f"--data {cfg.data}: {msg}") from None
+
+
+def check_sigma_d(ds, sigma_d, log, n=512):
+    """sigma_d is the data's std [P §3]: log the std of n evenly spaced samples, warn when it is off
+    by more than 25% (TrigFlow's noise levels, t_max and the teacher's F scale all assume it)."""
+    idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).long()
+    std = ds.get_batch(idx)[0].float().std().item()
+    msg = f"data std {std:.3f} ({len(idx)} samples), --sigma-d {sigma_d:g}"
+    if not 0.8 <= std / sigma_d <= 1.25:
+        msg = f"warning: {msg}: set --sigma-d to the data's std (or rescale the data)"
+    log(msg)
+
+
+def _load(flag, path, device):
+    try:
+        return runs.load_run(path, device=device)
+    except (OSError, ValueError, checkpoint.CheckpointError) as err:
+        raise RunError(f"--{flag} {path}: {err}") from None
+
+
+def load_teacher(cfg, shape, device, log):
+    """sCD: (the TrigFlow teacher's network, its TrainConfig); (None, None) otherwise."""
+    if cfg.objective != "scd":
+        return None, None
+    net, tcfg, meta = _load("teacher", cfg.teacher, device)
+    if tcfg.objective != "diffusion":
+        raise RunError(f"--teacher {cfg.teacher}: a TrigFlow diffusion teacher is needed, "
+                       f"that run trained {tcfg.objective!r}")
+    if tuple(meta["shape"]) != tuple(shape):
+        raise RunError(f"--teacher {cfg.teacher} was trained on {tuple(meta['shape'])} images, "
+                       f"the data is {tuple(shape)}")
+    log(f"teacher: {meta['checkpoint']} ({meta['weights']})")
+    return net, tcfg
+
+
+def init_weights(net, cfg, teacher, device, log):
+    """sCD students start from the teacher's EMA weights [P §5.1]; --init loads any run's weights.
+    Layers the source lacks (the student's guidance embedding) keep their init, with the
+    embedding's output layer zeroed so that the student starts as the teacher."""
+    source = cfg.init or (cfg.teacher if cfg.objective == "scd" else "")
+    if not source:
+        return
+    if teacher is not None and source == cfg.teacher:
+        state = teacher.state_dict()
+    else:
+        state = _load("init", source, device)[0].state_dict()
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected:
+        raise RunError(f"--init {source}: weights do not fit this network (unexpected {unexpected[:5]})")
+    if any(k.startswith("guidance.") for k in missing):
+        net.start_as_unguided()
+    log(f"initialised from {source} ({len(state) - len(unexpected)} tensors; new: {len(missing)})")
+
+
+def weight_head(cfg, shape, device, log):
+    """The adaptive weight head, started at its equilibrium for this objective and tangent norm."""
+    if not cfg.adaptive_weight:
+        return None
+    init = objectives.initial_logvar(cfg.objective, cfg.tangent_norm, math.prod(shape), cfg.sigma_d,
+                                     cfg.P_mean, cfg.P_std, cfg.tangent_norm_c)
+    log(f"adaptive weight: logvar(t) starts at {init:.3f} (its equilibrium for {cfg.objective}, tangent "
+        f"norm {cfg.tangent_norm})")
+    return AdaptiveWeight(init_logvar=init).to(device)
+
+
+def build_parts(cfg, proc, log, ds):
+    """Every part of the run, in a fixed order (the random init follows cfg.seed on every rank)."""
+    num_classes = ds.num_classes if cfg.class_cond else 0
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    raw_net = build_network(cfg, ds.shape, num_classes).to(proc.device)
+    teacher, teacher_cfg = load_teacher(cfg, ds.shape, proc.device, log)
+    init_weights(raw_net, cfg, teacher, proc.device, log)
+    raw_logvar = weight_head(cfg, ds.shape, proc.device, log)
+    n_params = sum(p.numel() for p in raw_net.parameters())
+    log(f"network: {cfg.arch} {cfg.model}, {n_params / 1e6:.2f} M parameters; objective {cfg.objective}; "
+        f"world size {proc.world} ({cfg.parallel}); device {proc.device}; precision {cfg.precision}")
+    if cfg.act_ckpt:
+        distributed.checkpoint_blocks(raw_net)
+    net, logvar = distributed.wrap(raw_net, proc, cfg.parallel), distributed.wrap(raw_logvar, proc, cfg.parallel)
+    params = list(net.parameters()) + (list(logvar.parameters()) if logvar else [])
+    parts = Parts(
+        data=ds, num_classes=num_classes, raw_net=raw_net, net=net, raw_logvar=raw_logvar, logvar=logvar,
+        teacher=teacher, teacher_cfg=teacher_cfg,
+        opt=make_optimizer(cfg, params, proc.device.type == "cuda"),
+        scaler=LossScaler(cfg.precision == "fp16", cfg.loss_scale),
+        ema=ema.make_ema(cfg.ema, distributed.local_params(raw_net), sigma_rels=cfg.ema_sigma_rels,
+                         half_life_kimg=cfg.ema_halflife_kimg, rampup_ratio=cfg.ema_rampup or None),
+        sampler=data.ShardedSampler(len(ds), cfg.batch, proc.rank, proc.world, cfg.seed),
+        gen=trigflow.BatchGenerator(cfg.seed + 1, proc.rank, proc.world, proc.device),
+        scm_cfg=config.scm_config(cfg), params=params)
+    if cfg.act_ckpt and cfg.one_pass:
+        log("act_ckpt: the gradient pass is checkpointed, so the step runs two-pass "
+            "(no-grad JVP pass, then a checkpointed forward with grad)")
+    return parts
