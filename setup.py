@@ -34,7 +34,7 @@ ext = CppExtension(
 )
 
 setup(
-    packages=["scm_fast", "scm_fast.ops", "scm_fast.models", "scm_fast.kernels"],
+    packages=["scm_fast", "scm_fast.interop", "scm_fast.models", "scm_fast.ops", "scm_fast.train", "scm_fast.kernels"],
     package_dir={"scm_fast.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,6 +1,6 @@
 """Compile report for the Triton attention and adaptive-norm kernels, for sm_80 and sm_90, without a GPU.
 
-Every kernel of kernels/attention_jvp.py is compiled ahead of time (triton.compile with a
+Every kernel of kernels/attention.py is compiled ahead of time (triton.compile with a
 GPUTarget) for every head-dim tile BLOCK_D in (64, 128, 256) (BLOCK_DV = BLOCK_D) and every tuning
 config of CONFIGS, in its heaviest variant (additive fp32 mask, causal). Per config it reports:
 
@@ -44,7 +44,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from scm_fast.kernels import adaptive_norm as an
-from scm_fast.kernels import attention_jvp as aj
+from scm_fast.kernels import attention as aj
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 KINDS = ("fwd", "fwd_jvp", "bwd_dkdv", "bwd_dq", "bwd_delta")

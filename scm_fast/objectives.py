@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from scm_fast import trigflow
+from scm_fast.precision import accumulation_dtype
 from scm_fast.trigflow import bcast
 
 
@@ -49,7 +50,7 @@ class SCMConfig:
 
 
 def _loss_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x)
 
 
 def _per_sample_mean(x):

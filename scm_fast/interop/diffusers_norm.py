@@ -13,6 +13,7 @@ import torch
 
 from scm_fast.ops.adaptive_norm import adaptive_double_norm
 from scm_fast.ops.adaptive_norm_ref import adaptive_double_norm_ref, pnorm
+from scm_fast.precision import accumulation_dtype
 
 __all__ = ["DoubleNormContinuous", "DoubleNormGroup", "DoubleNormZero", "SwapReport", "swap_adaptive_norm"]
 
@@ -59,7 +60,7 @@ class _DoubleNorm(torch.nn.Module):
 
     def outer(self, scale, shift):
         """(scale', shift') such that the parent's norm(x) * (1 + scale') + shift' is the double norm."""
-        acc = torch.float64 if scale.dtype == torch.float64 else torch.float32  # as the fused op computes
+        acc = accumulation_dtype(scale)  # as the fused op computes
         s = (pnorm(scale.to(acc), self.eps) - 1).to(scale.dtype)
         return s, pnorm(shift.to(acc), self.eps).to(shift.dtype)
 

@@ -9,6 +9,7 @@ import math
 import torch
 
 from scm_fast.nn import Linear, SiLU
+from scm_fast.precision import accumulation_dtype
 
 __all__ = ["ConditionEmbedding", "ScalarEmbedding", "positional"]
 
@@ -16,7 +17,7 @@ __all__ = ["ConditionEmbedding", "ScalarEmbedding", "positional"]
 def positional(x, dim, max_period=10000.0):
     """Sinusoidal embedding of a (B,) scalar: [cos(x f_i), sin(x f_i)], f_i = max_period^(-i / (dim/2))."""
     half = dim // 2
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(x)
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
     args = x.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

@@ -63,7 +63,7 @@ def use_backend(name):
 
 def _triton_for_cpu(name, fn):
     def run(*args):
-        from scm_fast.kernels import attention_jvp as k
+        from scm_fast.kernels import attention as k
         if not k.INTERPRET:
             raise RuntimeError(f"scm_fast.{name}: the triton backend on CPU tensors needs "
                                "TRITON_INTERPRET=1 in the environment before scm_fast is imported")

@@ -13,8 +13,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scm_fast.ops import _registry
-from scm_fast.ops.adaptive_norm_ref import (NORMS, adaptive_double_norm_ref, adaptive_norm_bwd_torch,
-                                            adaptive_norm_fwd_jvp_torch, adaptive_norm_fwd_torch, pnorm)
+from scm_fast.ops.adaptive_norm_ref import (NORMS, adaptive_double_norm_ref, adaptive_norm_bwd_reference,
+                                            adaptive_norm_fwd_jvp_reference, adaptive_norm_fwd_reference, pnorm)
+from scm_fast.precision import accumulation_dtype
 
 __all__ = ["adaptive_double_norm", "adaptive_double_norm_ref"]
 
@@ -94,7 +95,7 @@ def _triton_bwd(grad_y, x, scale, shift, weight, bias, mean, rstd, norm, groups,
 def _stats_like(x, scale, norm, groups, cl):
     B, C = scale.shape
     n = groups if norm == NORMS["group"] else x.numel() // max(1, B * C)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(x)
     return x.new_empty(B, n, dtype=dtype)
 
 
@@ -113,9 +114,9 @@ def _fake_bwd(grad_y, x, scale, shift, weight, bias, mean, rstd, norm, groups, e
     return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(shift), like(weight), like(bias)
 
 
-_registry.define("adaptive_norm_fwd", adaptive_norm_fwd_torch, _triton_fwd, _fake_fwd)
-_registry.define("adaptive_norm_fwd_jvp", adaptive_norm_fwd_jvp_torch, _triton_fwd_jvp, _fake_fwd_jvp)
-_registry.define("adaptive_norm_bwd", adaptive_norm_bwd_torch, _triton_bwd, _fake_bwd)
+_registry.define("adaptive_norm_fwd", adaptive_norm_fwd_reference, _triton_fwd, _fake_fwd)
+_registry.define("adaptive_norm_fwd_jvp", adaptive_norm_fwd_jvp_reference, _triton_fwd_jvp, _fake_fwd_jvp)
+_registry.define("adaptive_norm_bwd", adaptive_norm_bwd_reference, _triton_bwd, _fake_bwd)
 
 
 # ---- autograd --------------------------------------------------------------------------------

@@ -21,16 +21,18 @@ The kernels implement these closed forms (means over the norm set, sums over pos
            d s^ = sum_R dy n,  d b^ = sum_R dy,  d scale = rs_s (d s^ - s^ mean_c(s^ d s^)) (same for shift)
            d weight = sum_{B,R} dy s^ xhat,  d bias = sum_{B,R} dy s^
 `adaptive_double_norm_ref` computes y by composition (autograd and torch.func supply the
-derivatives the tests compare against); the `*_torch` functions at the end implement the op
+derivatives the tests compare against); the `*_reference` functions at the end implement the op
 schemas with the closed forms in torch ops (the reference backend, and fp64).
 """
 import torch
+
+from scm_fast.precision import accumulation_dtype
 
 NORMS = {"layer": 0, "rms": 1, "group": 2}
 
 
 def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x)
 
 
 def pnorm(a, eps):
@@ -114,7 +116,7 @@ def _t_pnorm(a_hat, rs, ta):
     return rs * (ta - a_hat * (a_hat * ta).mean(-1, keepdim=True))
 
 
-def adaptive_norm_fwd_torch(x, scale, shift, weight, bias, norm, num_groups, eps, channels_last, tx=None,
+def adaptive_norm_fwd_reference(x, scale, shift, weight, bias, norm, num_groups, eps, channels_last, tx=None,
                             tscale=None, tshift=None):
     """The fwd / fwd_jvp schemas with the module docstring's closed forms, in fp32 (fp64)."""
     dtype = _compute_dtype(x)
@@ -142,13 +144,13 @@ def adaptive_norm_fwd_torch(x, scale, shift, weight, bias, norm, num_groups, eps
     return (*out, _from_blc(ty, x, channels_last).to(x.dtype))
 
 
-def adaptive_norm_fwd_jvp_torch(x, scale, shift, tx, tscale, tshift, weight, bias, norm, num_groups, eps,
+def adaptive_norm_fwd_jvp_reference(x, scale, shift, tx, tscale, tshift, weight, bias, norm, num_groups, eps,
                                 channels_last):
-    return adaptive_norm_fwd_torch(x, scale, shift, weight, bias, norm, num_groups, eps, channels_last, tx, tscale,
+    return adaptive_norm_fwd_reference(x, scale, shift, weight, bias, norm, num_groups, eps, channels_last, tx, tscale,
                                    tshift)
 
 
-def adaptive_norm_bwd_torch(grad_y, x, scale, shift, weight, bias, mean, rstd, norm, num_groups, eps, channels_last):
+def adaptive_norm_bwd_reference(grad_y, x, scale, shift, weight, bias, mean, rstd, norm, num_groups, eps, channels_last):
     """The bwd schema with the module docstring's closed forms, from the saved statistics."""
     dtype = _compute_dtype(x)
     x3, dy3 = (_to_blc(t, channels_last).to(dtype) for t in (x, grad_y))

@@ -22,8 +22,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scm_fast.ops import _registry
-from scm_fast.ops.attention_ref import (attention_bwd_chunked, attention_fwd_chunked,
-                                        attention_fwd_jvp_chunked, attention_ref)
+from scm_fast.ops.attention_ref import (attention_bwd_reference, attention_fwd_reference,
+                                        attention_fwd_jvp_reference, attention_ref)
+from scm_fast.precision import accumulation_dtype
 
 __all__ = ["attention", "attention_jvp", "attention_ref", "not_supported_reasons"]
 
@@ -184,7 +185,7 @@ def _prepare_mask(attn_mask, q, k):
     if attn_mask is None:
         return None
     if attn_mask.is_floating_point():  # kernels read fp32 biases; convert before expanding (no Lq x Lk copy)
-        attn_mask = attn_mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        attn_mask = attn_mask.to(accumulation_dtype(q))
     return attn_mask.expand(_mask_shape(q, k))
 
 
@@ -197,8 +198,8 @@ def _kernels(q):
     """The Triton launchers (imported on first use), for fp32/fp16/bf16 inputs."""
     if q.dtype == torch.float64:
         raise TypeError("float64 attention runs on the reference backend only")
-    from scm_fast.kernels import attention_jvp
-    return attention_jvp
+    from scm_fast.kernels import attention as kernels
+    return kernels
 
 
 def _triton_fwd(q, k, v, mask, causal, scale):
@@ -214,7 +215,7 @@ def _triton_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
 
 
 def _lse_like(q):
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(q)
     return q.new_empty(q.shape[:-1], dtype=dtype)
 
 
@@ -231,9 +232,9 @@ def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_registry.define("attention_fwd", attention_fwd_chunked, _triton_fwd, _fake_fwd)
-_registry.define("attention_fwd_jvp", attention_fwd_jvp_chunked, _triton_fwd_jvp, _fake_fwd_jvp)
-_registry.define("attention_bwd", attention_bwd_chunked, _triton_bwd, _fake_bwd)
+_registry.define("attention_fwd", attention_fwd_reference, _triton_fwd, _fake_fwd)
+_registry.define("attention_fwd_jvp", attention_fwd_jvp_reference, _triton_fwd_jvp, _fake_fwd_jvp)
+_registry.define("attention_bwd", attention_bwd_reference, _triton_bwd, _fake_bwd)
 
 
 # ---- autograd --------------------------------------------------------------------------------

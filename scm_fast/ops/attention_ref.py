@@ -3,13 +3,15 @@
 `attention_ref` is the definition every kernel is tested against: plain softmax attention, which
 autograd and forward AD differentiate by themselves (O(Lq x Lk) memory; use it in fp64 for tests).
 
-`attention_fwd_chunked`, `attention_fwd_jvp_chunked` and `attention_bwd_chunked` compute what the
+`attention_fwd_reference`, `attention_fwd_jvp_reference` and `attention_bwd_reference` compute what the
 fused kernels compute (scm-reference.md §7) with torch ops over key chunks and an online softmax, so
 memory stays O(Lq x chunk). They back the CPU op when no compiled kernel applies.
 Shapes: q (B, Hq, Lq, D); k (B, Hk, Lk, D); v (B, Hk, Lk, Dv); Hq = G Hk (GQA); mask None or
 expanded to (B, Hq, Lq, Lk), bool (True = attend) or additive.
 """
 import torch
+
+from scm_fast.precision import accumulation_dtype
 
 CHUNK = 512
 
@@ -63,7 +65,7 @@ def _chunk_scores(q5, k5, m5, causal, scale, start, stop):
 
 def _online_pass(q5, k5, v5, m5, causal, scale, tangents=None):
     """Online softmax over key chunks; returns (o, lse) and, with tangents, to."""
-    acc_dtype = torch.float64 if q5.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(q5)
     q5, k5, v5 = q5.to(acc_dtype), k5.to(acc_dtype), v5.to(acc_dtype)
     shape = q5.shape[:-1]
     m_i = torch.full(shape, float("-inf"), dtype=acc_dtype, device=q5.device)
@@ -104,24 +106,24 @@ def _flat(x, like):
 
 def _lse(lse, q):
     """(B, Hk, G, Lq) -> (B, Hq, Lq); fp32 (fp64 for fp64 inputs)."""
-    return lse.reshape(q.shape[:-1]).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return lse.reshape(q.shape[:-1]).to(accumulation_dtype(q))
 
 
-def attention_fwd_chunked(q, k, v, mask, causal, scale):
+def attention_fwd_reference(q, k, v, mask, causal, scale):
     o, lse = _online_pass(*_grouped(q, k, v, mask), causal, scale)
     return _flat(o, q), _lse(lse, q)
 
 
-def attention_fwd_jvp_chunked(q, k, v, tq, tk, tv, mask, causal, scale):
+def attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, scale):
     q5, k5, v5, m5 = _grouped(q, k, v, mask)
     tq5, tk5, tv5, _ = _grouped(tq, tk, tv, None)
     o, lse, to = _online_pass(q5, k5, v5, m5, causal, scale, (tq5, tk5, tv5))
     return _flat(o, q), _lse(lse, q), _flat(to, q)
 
 
-def attention_bwd_chunked(grad_out, q, k, v, out, lse, mask, causal, scale):
+def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, causal, scale):
     """FlashAttention-2 backward over key chunks: p = exp(s - lse), ds = p (dp - delta)."""
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtype(q)
     q5, k5, v5, m5 = _grouped(*(x.to(acc_dtype) for x in (q, k, v)), mask)
     do5 = grad_out.to(acc_dtype).view(q5.shape[:-1] + (grad_out.shape[-1],))
     o5 = out.to(acc_dtype).view_as(do5)

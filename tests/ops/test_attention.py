@@ -7,7 +7,7 @@ import torch.autograd.forward_ad as fwAD
 from scm_fast.ops import _registry, attention, attention_jvp, attention_ref
 from tolerance import assert_rule
 
-BLOCK = 64  # the interpreter's tile (kernels/attention_jvp.py INTERPRET_BLOCK_M/N)
+BLOCK = 64  # the interpreter's tile (kernels/attention.py INTERPRET_BLOCK_M/N)
 
 
 def make(shape_q, shape_k, dv, dtype, device, seed=0, scale=1.0):

@@ -4,7 +4,7 @@
 // expanded to (B, Hq, Lq, Lk), bool (true = attend) or additive; lse is (B, Hq, Lq) in fp32.
 //
 // The public ops (attention_fwd, attention_fwd_jvp, attention_bwd) get their CPU and CUDA kernels
-// from Python (scm_fast/ops/_registry.py chooses a backend; CUDA runs kernels/attention_jvp.py). The
+// from Python (scm_fast/ops/_registry.py chooses a backend; CUDA runs kernels/attention.py). The
 // C++ CPU kernels below are registered as attention_*_cpu ops with the same signatures.
 //
 // Forward (+ JVP): one task per (batch, head, block of kBlockM queries), keys in tiles of kBlockN,
