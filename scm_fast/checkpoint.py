@@ -25,6 +25,7 @@ Protocol, for one process or several ranks sharing a filesystem (the caller owns
 To resume, rank 0 calls latest(root) (it hashes every file) and broadcasts the path.
 """
 import hashlib
+import io
 import json
 import os
 import re
@@ -33,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointError", "commit", "latest", "list_checkpoints", "read_object", "read_tensors",
-           "stage", "step_of", "verify", "write_object", "write_tensors"]
+__all__ = ["CheckpointError", "commit", "latest", "list_checkpoints", "make_room", "quarantine", "read_object",
+           "read_tensors", "stage", "step_of", "verify", "write_object", "write_tensors"]
 
 FORMAT = "scm_fast-checkpoint"
 VERSION = 1
@@ -52,6 +53,21 @@ class CheckpointError(RuntimeError):
     def __init__(self, path, file, reason):
         self.path, self.file, self.reason = Path(path), str(file), reason
         super().__init__(f"{Path(path) / file}: {reason}")
+
+
+_IO_OPS = [0]
+
+
+def _io_point():
+    """Fault injection for the tests: SCM_FAST_FAULT=killio@N SIGKILLs this process at the N-th
+    checkpoint file operation (a write, the manifest, a rename, a removal)."""
+    faults = [f.partition("@")[2] for f in os.environ.get("SCM_FAST_FAULT", "").split(",") if f.startswith("killio@")]
+    if not faults:
+        return
+    _IO_OPS[0] += 1
+    if str(_IO_OPS[0]) in faults:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _rank():
@@ -139,6 +155,7 @@ def write_tensors(dirpath, stem, tensors):
             raise TypeError(f"write_tensors: tensors must map str -> Tensor; entry {name!r} is "
                             f"{type(name).__name__} -> {type(value).__name__}")
     cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    _io_point()
     save_file(cpu, str(path))
     _fsync_file(path)
     return path
@@ -167,8 +184,11 @@ def write_object(dirpath, stem, obj):
     """torch.save a plain object (dicts/lists of tensors, numbers, strings) to dirpath/<stem>.pt and fsync it."""
     path = _target("write_object", dirpath, stem, ".pt")
     _check_plain(obj, "")
+    _io_point()
+    buffer = io.BytesIO()  # serialised first: a full disk then fails as an OSError of the write (torch.save
+    torch.save(obj, buffer)  # straight to the file reports it as a RuntimeError of its zip writer)
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(buffer.getbuffer())
         f.flush()
         os.fsync(f.fileno())
     return path
@@ -209,6 +229,7 @@ def _write_manifest(staged, step):
              for rel in _files_under(staged)]
     body = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
     body["checksum"] = _manifest_checksum(body)
+    _io_point()
     path = staged / MANIFEST
     with open(path, "w") as f:
         json.dump(body, f, indent=1, sort_keys=True)
@@ -227,6 +248,7 @@ def _remove(path, log):
         if target.exists():
             shutil.rmtree(target)
         os.rename(path, target)
+    _io_point()
     shutil.rmtree(target)
     if log is not None:
         log(f"checkpoint: removed {path}")
@@ -272,7 +294,9 @@ def commit(staged, keep=3, log=print):
         if old.exists():
             shutil.rmtree(old)
         os.rename(final, old)   # a crash until the next rename falls back to the previous step's checkpoint
+    _io_point()
     os.rename(staged, final)
+    _io_point()
     _fsync_dir(root)
     if old.exists():
         shutil.rmtree(old)
@@ -281,6 +305,32 @@ def commit(staged, keep=3, log=print):
         log(f"checkpoint: saved {final} ({len(body['files'])} files, {size / 2**20:.1f} MiB)")
     _prune(root, final, keep, log)
     return final
+
+
+def make_room(root, keep, log=print):
+    """Rank 0, before stage(): delete the oldest complete checkpoints so that committing one more
+    leaves `keep` (a disk that holds `keep` checkpoints then never needs room for keep + 1). With
+    keep=1 nothing is deleted first (the only checkpoint stays until its successor is committed)."""
+    if keep is None or keep < 2:
+        return
+    found = list_checkpoints(root)
+    for path in found[:max(0, len(found) - (keep - 1))]:
+        _remove(path, log)
+
+
+def quarantine(path, log=print):
+    """Move a checkpoint that cannot be used out of the way (root/corrupt-ckpt-<step>[.N]): it is
+    kept for inspection, never read by latest() or deleted by pruning. Returns the new path."""
+    path = Path(path)
+    target = path.with_name(f"corrupt-{path.name}")
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"corrupt-{path.name}.{n}"), n + 1
+    os.rename(path, target)
+    _fsync_dir(path.parent)
+    if log is not None:
+        log(f"checkpoint: moved {path.name} aside to {target.name}")
+    return target
 
 
 def list_checkpoints(root):

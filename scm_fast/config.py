@@ -30,6 +30,15 @@ DEVICES = ("auto", "cpu", "cuda")
 HELP_WIDTH = 100  # docs/train-help.txt is the help at this width, whatever the terminal
 
 
+# A resume may change these freely (how long, how often, how it reports) ...
+RESUME_FREE = ("run_dir", "allow_change", "total_kimg", "sample_every_kimg", "ckpt_every_kimg", "log_every",
+               "progress", "tensorboard", "eval_n", "threads", "keep_ckpts", "device")
+# ... never these (the checkpoint's tensors would not fit, or the run would silently become another one) ...
+RESUME_NEVER = ("objective", "arch", "model", "patch", "img_size", "class_cond", "adaptive_weight", "ema",
+                "ema_sigma_rels", "ema_halflife_kimg", "ema_rampup", "optimizer", "parallel")
+# ... and any other field only when --allow-change names it.
+
+
 def _option(default, help, *, choices=None, gt=None, ge=None, lt=None, metavar=None):
     """A TrainConfig field: its default, its help sentence (what it does, its unit) and its domain:
     choices, or a lower bound (> gt or >= ge) with an optional upper bound (< lt)."""
@@ -45,6 +54,9 @@ class TrainConfig:
     run_dir: str = _option("", "the run directory (config.json, log.txt, stats.jsonl, samples/, checkpoints/); "
                            "re-running with the same one resumes from its newest checkpoint; '' = runs/PRESET",
                            metavar="DIR")
+    allow_change: str = _option("", "resuming: comma-separated fields that may differ from the run's saved config "
+                                "(e.g. lr,grad_clip,data); any other difference stops the resume with the list. "
+                                "Never allowed: " + ", ".join(RESUME_NEVER), metavar="FIELDS")
     seed: int = _option(0, "seed of the initial weights, the data order and the training noise (one stream per "
                         "rank); the sample grids use it, the final evaluation seed + 1")
     threads: int = _option(0, "torch CPU threads per process (torch.set_num_threads); 0 = torch's default", ge=0)
@@ -297,6 +309,9 @@ def validate(cfg, for_run=True):
         if _outside(meta, value):
             raise ValueError(f"--{_flag(f.name)} must be {_domain(meta)}; got {value!r}")
     # the tuples and the checks across fields
+    unknown = [f for f in (n.strip() for n in cfg.allow_change.split(",")) if f and f not in {x.name for x in fields(cfg)}]
+    if unknown:
+        raise ValueError(f"--allow-change: unknown fields {unknown}; expected config field names such as lr,grad_clip")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         raise ValueError(f"--betas must be two numbers in [0, 1), e.g. 0.9,0.99; got {cfg.betas}")
     if cfg.guidance_min > cfg.guidance_max or cfg.guidance_min < 0:
@@ -410,11 +425,30 @@ def from_dict(d):
     return cfg
 
 
-def diff(a, b, ignore=("total_kimg", "sample_every_kimg", "ckpt_every_kimg", "log_every", "progress",
-                       "tensorboard", "eval_n", "threads", "keep_ckpts")):
+def diff(a, b, ignore=RESUME_FREE):
     """Fields that differ between two configs (those that may change on a resume are ignored)."""
     da, db = a.to_dict(), b.to_dict()
     return {k: (da[k], db[k]) for k in da if k not in ignore and da[k] != db.get(k)}
+
+
+def check_resume(saved, cfg):
+    """ValueError listing the fields in which `cfg` differs from the run's saved config, unless each is
+    free to change on a resume or named in cfg.allow_change (and none is in RESUME_NEVER)."""
+    changed = diff(saved, cfg)
+    allowed = {f.strip() for f in cfg.allow_change.split(",") if f.strip()}
+    never = {k: v for k, v in changed.items() if k in RESUME_NEVER}
+    refused = {k: v for k, v in changed.items() if k not in RESUME_NEVER and k not in allowed}
+    if not never and not refused:
+        return changed
+    lines = [f"  {_flag(k)}: {old!r} in the run, {new!r} now" for k, (old, new) in {**never, **refused}.items()]
+    advice = []
+    if never:
+        advice.append(f"{', '.join('--' + _flag(k) for k in never)} cannot change on a resume: start a new --run-dir "
+                      "(--init RUN starts it from this run's weights)")
+    if refused:
+        advice.append(f"to resume with the new values, pass --allow-change {','.join(refused)}")
+    raise ValueError("this command differs from the run's saved config.json:\n" + "\n".join(lines) + "\n"
+                     + "; ".join(advice))
 
 
 def dumps(cfg):
@@ -463,5 +497,5 @@ def __getattr__(name):
     return getattr(importlib.import_module(_MOVED[name]), name)
 
 
-__all__ = ["PRESETS", "TrainConfig", "build_parser", "diff", "dumps", "from_dict", "help_text", "parse", "resolve",
+__all__ = ["PRESETS", "RESUME_FREE", "RESUME_NEVER", "TrainConfig", "build_parser", "check_resume", "diff", "dumps", "from_dict", "help_text", "parse", "resolve",
            "scm_config", "steps_for", "validate"]

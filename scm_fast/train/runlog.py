@@ -7,8 +7,6 @@ import time
 
 import torch
 
-from scm_fast import config
-
 STATS_KEYS = ("loss", "grad_norm", "grad_norm_logvar", "lr", "images_per_s", "loss_scale", "memory_mib")
 
 
@@ -20,18 +18,9 @@ class RunLog:
         self.file, self.tb = None, None
 
     def open(self):
-        """Write config.json (warning when it differs from the saved one) and open log.txt (rank 0)."""
-        if self.rank != 0:
-            return
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        saved = self.run_dir / "config.json"
-        if saved.exists():
-            changed = config.diff(config.from_dict(json.loads(saved.read_text())), self.cfg)
-            if changed:
-                print(f"warning: {saved} differs from this command in {changed}; the run resumes with "
-                      "this command's values", file=sys.stderr)
-        _write_atomic(saved, config.dumps(self.cfg))
-        self.file = open(self.run_dir / "log.txt", "a")
+        """Open log.txt for appending (rank 0; the run directory exists)."""
+        if self.rank == 0:
+            self.file = open(self.run_dir / "log.txt", "a")
 
     def open_tensorboard(self):
         if self.rank == 0 and self.cfg.tensorboard:
@@ -65,11 +54,23 @@ class RunLog:
                 self.tb.add_scalar(k, rec[k], counters.cur_nimg)
 
     def truncate_stats(self, step):
-        """Drop stats records newer than the resumed step (they belong to the interrupted attempt)."""
+        """Keep the stats records up to `step`, the step the run continues from (0 for a fresh start):
+        later ones belong to an interrupted attempt; a torn last line (a kill or a full disk during an
+        append) is dropped with a note."""
         path = self.run_dir / "stats.jsonl"
         if self.rank != 0 or not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep, torn = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except ValueError:
+                torn += 1
+                continue
+            if rec is not None and rec.get("step", 0) <= step:
+                keep.append(line)
+        if torn:
+            self(f"stats.jsonl: dropped {torn} unreadable line(s) (an interrupted write)")
         _write_atomic(path, "".join(line + "\n" for line in keep))
 
 

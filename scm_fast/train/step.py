@@ -125,11 +125,12 @@ def reduce_stats(value, stats, objective, faults, proc):
     edges = LOSS_BUCKETS["meanflow" if objective == "meanflow" else "trigflow"]
     t, err = stats["t"].double(), stats["err"].double()
     buckets = [((t >= lo) & (t < hi)) for lo, hi in zip(edges[:-1], edges[1:])]
-    vals = [value.detach().double().reshape(()), torch.tensor(float(faults.stop_requested), dtype=torch.float64)]
+    signalled = float(faults.signal_received is not None)
+    vals = [value.detach().double().reshape(()), torch.tensor(signalled, dtype=torch.float64)]
     vals += [err[m].sum() for m in buckets] + [m.sum().double() for m in buckets]
     packed = proc.all_sum(torch.stack([v.cpu() for v in vals]).to(proc.device)).cpu()
     n = len(buckets)
-    faults.stop_requested = bool(packed[1] > 0)
+    faults.stop_agreed = bool(packed[1] > 0)
     per_bucket = {f"{lo:g}-{hi:g}": (packed[2 + i] / packed[2 + n + i]).item() if packed[2 + n + i] > 0
                   else None for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))}
     return {"loss": (packed[0] / proc.world).item(), "loss_per_t": per_bucket}
