@@ -9,6 +9,8 @@ ds.num_classes, ds.get_batch(indices) -> (x, labels) and ds.describe() (one line
 seeded stream of epoch permutations into per-rank batches that resume exactly from a state_dict.
 """
 import math
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -129,13 +131,35 @@ def digits(img_size=8):
 
 # ----------------------------------------------------------------------------- .npy / .npz files
 
+# what numpy raises for a truncated or corrupt .npy / .npz (the archive, or a member of it, when read)
+_NUMPY_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
+
+
+def _read_numpy(path):
+    """np.load without pickles -> (array, {}) for a .npy, (None, {key: array}) for a .npz; a file
+    that cannot be read raises ValueError naming it."""
+    try:
+        obj = np.load(path, allow_pickle=False)
+        if isinstance(obj, np.ndarray):
+            return obj, {}
+        with obj as z:
+            return None, {k: z[k] for k in z.files}
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except _NUMPY_READ_ERRORS as err:
+        if "Object arrays" in str(err):
+            raise ValueError(f"{path}: holds Python object arrays, which are not loaded (allow_pickle=False); "
+                             f"store numeric arrays") from None
+        kind = path.suffix.lower() if path.suffix.lower() in (".npy", ".npz") else "NumPy file"
+        raise ValueError(f"{path}: not a readable {kind} (truncated or corrupt: {type(err).__name__}: {err})") from None
+
+
 def _load_file(path, keys, what):
     """.npy -> (array, {}); .npz -> (the array under the first of `keys`, the whole archive as a dict)."""
     path = Path(path)
-    if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False), {}
-    with np.load(path, allow_pickle=False) as z:
-        files = {k: z[k] for k in z.files}
+    array, files = _read_numpy(path)
+    if array is not None:
+        return array, {}
     key = next((k for k in keys if k in files), None)
     if key is None:
         raise ValueError(f"{path}: no {what} in the archive (expected a key among {list(keys)}, "
@@ -148,18 +172,58 @@ def _labels_from(files):
     return next((files[k] for k in ("labels", "y") if k in files), None)
 
 
-def _to_nchw(a, path):
-    """uint8/float array (N, H, W), (N, C, H, W) or (N, H, W, C) -> (N, C, H, W).
+LAYOUTS = ("NCHW", "NHWC")
 
-    NHWC is recognised by a last dim of 1, 3 or 4 while dim 1 is not.
+
+def _layout_of(shape, path, layout=None):
+    """'NCHW' or 'NHWC' for a 4-d image array: `layout` when given (an .npz's 'layout' entry), else
+    from the shape. NHWC holds square images with 1-4 channels last (the image-file convention:
+    gray, gray + alpha, RGB, RGBA), NCHW square images with any number of channels; non-square ones
+    are NHWC when only the last dim is 1-4 and NCHW when the last dim is not. A shape that reads both
+    ways, e.g. (N, 4, 4, 4) or (N, 3, 5, 4), raises ValueError asking for the layout."""
+    if layout is not None:
+        layout = str(layout).upper()
+        if layout not in LAYOUTS:
+            raise ValueError(f"{path}: layout must be 'NCHW' or 'NHWC', got {str(layout)!r}")
+        return layout
+    _, d1, d2, d3 = shape
+    nhwc, nchw = d1 == d2 and 1 <= d3 <= 4, d2 == d3
+    if not (nhwc or nchw):  # non-square either way: by where a small channel count sits
+        nhwc, nchw = 1 <= d3 <= 4, d3 > 4 or d1 <= 4
+    if nhwc and nchw and d1 > 1:  # (N, 1, 1, 1) reads the same either way
+        raise ValueError(f"{path}: images of shape {tuple(shape)} are ambiguous: they read as NCHW ({d1} channels "
+                         f"of {d2}x{d3}) or as NHWC ({d3} channels of {d1}x{d2}); save them in an .npz with a "
+                         f"'layout' entry, 'NCHW' or 'NHWC' (np.savez(path, images=..., layout='NHWC'))")
+    return "NHWC" if nhwc and not nchw else "NCHW"
+
+
+def _to_nchw(a, path, layout=None):
+    """uint8/float array (N, H, W), (N, C, H, W) or (N, H, W, C) -> (N, C, H, W) (see _layout_of).
+
+    NHWC arrays follow the image-file convention: C = 2 is gray + alpha and C = 4 is RGBA, and their
+    alpha channel is dropped as for image files (ImageFolder), giving 1 or 3 channels. NCHW arrays
+    keep every channel.
     """
     if a.ndim == 3:
         a = a[:, None]
     if a.ndim != 4:
         raise ValueError(f"{path}: images must be (N, C, H, W) or (N, H, W, C), got shape {a.shape}")
-    if a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
+    if _layout_of(a.shape, path, layout) == "NHWC":
+        if a.shape[-1] in (2, 4):
+            a = a[..., :a.shape[-1] - 1]  # drop alpha
         a = a.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(a)
+
+
+def _check_finite(a, path, what):
+    """ValueError naming the file, the count and the first sample when a float array (N, ...) holds NaN / Inf."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return
+    bad = finite.size - int(np.count_nonzero(finite))
+    first = int(np.argmin(finite.reshape(len(a), -1).all(axis=1)))
+    raise ValueError(f"{path}: {bad} non-finite values (NaN/Inf) in the {what}, the first in sample {first} "
+                     f"(of {len(a)}); every batch holding one would be a skipped step: drop or repair those samples")
 
 
 def _pixels_to_float(a, path):
@@ -168,6 +232,7 @@ def _pixels_to_float(a, path):
         return torch.from_numpy(a).to(torch.float32) / 127.5 - 1.0
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{path}: images must be uint8 in [0, 255] or float in [-1, 1], got dtype {a.dtype}")
+    _check_finite(a, path, "images")
     peak = float(np.abs(a).max()) if a.size else 0.0
     if not math.isfinite(peak) or peak > 1.5:
         raise ValueError(f"{path}: float images must be in [-1, 1], got absolute max {peak:g} "
@@ -176,14 +241,17 @@ def _pixels_to_float(a, path):
 
 
 def load_arrays(path):
-    """Images from .npy (images only) or .npz ('images' / 'x' / 'arr_0', labels 'labels' / 'y').
+    """Images from .npy (images only) or .npz ('images' / 'x' / 'arr_0', labels 'labels' / 'y', and
+    optionally 'layout': 'NCHW' or 'NHWC' for shapes that read both ways).
 
-    Returns ArrayData with float32 (N, C, H, W) in [-1, 1]; num_classes = max label + 1.
+    Returns ArrayData with float32 (N, C, H, W) in [-1, 1]; num_classes = max label + 1. The layout
+    and the alpha channel of NHWC arrays: _layout_of, _to_nchw. Float images with NaN / Inf, and files
+    that cannot be read, raise ValueError naming the file.
     """
     a, files = _load_file(path, ("images", "x", "arr_0"), "images")
     if a.size == 0:
         raise ValueError(f"{path}: holds no images (shape {a.shape})")
-    x = _pixels_to_float(_to_nchw(a, path), path)
+    x = _pixels_to_float(_to_nchw(a, path, files.get("layout")), path)
     labels = _labels_from(files)
     if labels is not None and labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]  # (N, 1) -> (N,)
@@ -210,6 +278,7 @@ class LatentData(ArrayData):
     mean/std come from the arguments, else the npz keys 'mean' / 'std', else the data (over N, H, W).
     Latents live under 'latents', 'x' or 'arr_0' (or are the .npy); labels under 'labels' / 'y'.
     `denormalize(x)` maps model outputs back to latent space; ds.mean, ds.std are float32 (C,).
+    Latents with NaN / Inf, and non-finite statistics, raise ValueError naming the file.
     """
 
     def __init__(self, path, mean=None, std=None, sigma_d=0.5):
@@ -218,16 +287,23 @@ class LatentData(ArrayData):
         if a.ndim != 4 or not np.issubdtype(a.dtype, np.floating) or a.shape[0] < 1:
             raise ValueError(f"LatentData({path}): latents must be float (N, C, H, W) with N >= 1, "
                              f"got {a.dtype} of shape {a.shape}")
+        _check_finite(a, path, "latents")
         lat = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
         c = lat.shape[1]
         m = _channel_stat(files.get("mean", lat.mean(dim=(0, 2, 3))) if mean is None else mean, c, "mean", path)
         s = _channel_stat(files.get("std", lat.std(dim=(0, 2, 3), correction=0)) if std is None else std,
                           c, "std", path)
+        for name, t in (("mean", m), ("std", s)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"LatentData({path}): {name} must be finite in every channel, got {t.tolist()}")
         if not bool((s > 0).all()):
             raise ValueError(f"LatentData({path}): std must be > 0 in every channel, got {s.tolist()}")
         self.sigma_d = float(sigma_d)
         self.mean, self.std = m.to(torch.float32), s.to(torch.float32)
         x = (lat - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1) * self.sigma_d
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"LatentData({path}): the normalised latents overflow (std {s.tolist()} is too "
+                             f"small for their range)")
         super().__init__(x, _labels_from(files), kind=f"latents({Path(path).name})")
 
     def denormalize(self, x):
@@ -296,12 +372,14 @@ class ImageFolder(_Dataset):
     images must share one size; with it each is center-cropped to a square and resized to
     (img_size, img_size) (bilinear, antialias). channels: None -> 3 if any image is colour, else 1.
     Decoded uint8 (C, H, W) images are cached in memory up to `cache_bytes` (2 GiB: all of them when
-    N * C * H * W fits).
+    N * C * H * W fits). When all of them fit they are decoded up front (preload(); in __init__ unless
+    preload=False), so that a corrupt or truncated file is found and named before training; otherwise
+    each is decoded at its first get_batch, and a file that cannot be decoded raises ValueError naming it.
     """
 
     kind = "folder"
 
-    def __init__(self, root, img_size=None, channels=None, *, cache_bytes=CACHE_BYTES):
+    def __init__(self, root, img_size=None, channels=None, *, cache_bytes=CACHE_BYTES, preload=True):
         """Index the files and read their headers (size, gray/colour); pixels are decoded in get_batch."""
         self.root = Path(root)
         if not self.root.is_dir():
@@ -321,6 +399,17 @@ class ImageFolder(_Dataset):
         self.labels = None if labels is None else torch.tensor(labels, dtype=torch.int64)
         self._num_classes = len(self.class_names)
         self._cache, self._cache_max = {}, cache_bytes // (c * hw[0] * hw[1])
+        if preload:
+            self.preload()
+
+    def preload(self):
+        """Decode every image into the cache now when they all fit (True), so that a file that cannot be
+        decoded raises here, named; False (nothing decoded) when they do not fit."""
+        if self._n > self._cache_max:
+            return False
+        for i in range(self._n):
+            self._load(i)
+        return True
 
     def describe(self):
         """One line: folder, N, shape (C, H, W) and classes."""
@@ -329,7 +418,7 @@ class ImageFolder(_Dataset):
     def _decode(self, i):
         """Image i -> uint8 tensor (C, H, W), cropped and resized to ds.shape."""
         a = _match_channels(_images.read_image(self.files[i]), self._shape[0])
-        x = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        x = torch.from_numpy(np.array(a.transpose(2, 0, 1), order="C"))  # a copy: decoders may return read-only
         if self.img_size is None:
             return x
         y = _resize(_center_crop(x[None].to(torch.float32)), self.img_size)[0]
@@ -362,10 +451,23 @@ def _check_img_size(ds, img_size, path):
     return ds
 
 
+def _check_square(ds, path, hint):
+    """The networks need square images (models.build_network): ValueError with `hint` otherwise."""
+    _, h, w = ds.shape
+    if h != w:
+        raise ValueError(f"--data: {path} holds {h}x{w} images; the networks need square images (H == W): {hint}")
+    return ds
+
+
+_ARRAY_SQUARE_HINT = ("crop or resize the arrays offline (--img-size center-crops and resizes only digits and "
+                      "image folders, so a folder of image files with --img-size N works too)")
+
+
 def build_dataset(spec, img_size=None, sigma_d=0.5):
     """--data value -> dataset: 'digits', an image folder, a .npy/.npz file, or 'latents:PATH'.
 
     img_size resizes digits and image folders; for arrays and latents it must match their size.
+    The images must be square (the networks need H == W); ValueError naming the file otherwise.
     """
     spec = str(spec)
     if spec == "digits":
@@ -375,11 +477,15 @@ def build_dataset(spec, img_size=None, sigma_d=0.5):
     if not path.exists():
         raise FileNotFoundError(f"--data: {path} does not exist ({DATA_HINT})")
     if is_latent:
-        return _check_img_size(LatentData(path, sigma_d=sigma_d), img_size, path)
+        return _check_square(_check_img_size(LatentData(path, sigma_d=sigma_d), img_size, path), path,
+                             "crop the latents offline")
     if path.is_dir():
-        return ImageFolder(path, img_size=img_size)
+        ds = _check_square(ImageFolder(path, img_size=img_size, preload=False), path,
+                           "pass --img-size N to center-crop and resize them to N x N")
+        ds.preload()
+        return ds
     if path.suffix.lower() in (".npy", ".npz"):
-        return _check_img_size(load_arrays(path), img_size, path)
+        return _check_square(_check_img_size(load_arrays(path), img_size, path), path, _ARRAY_SQUARE_HINT)
     raise ValueError(f"--data: {path} is neither a folder nor a .npy/.npz file ({DATA_HINT})")
 
 

@@ -1,7 +1,8 @@
 """Image I/O without Pillow: uint8 conversion, sample grids and a small PNG writer/reader.
 
 Conventions: model images are float tensors (N, C, H, W) in [-1, 1]; image files and arrays on disk are
-numpy uint8 (H, W, C), C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA).
+numpy uint8 (H, W, C), C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA). Sample grids of data with
+another channel count (latents) show each channel as a normalised grayscale tile (save_grid).
 
 The PNG codec here is pure Python (zlib + struct): the writer emits 8-bit, non-interlaced files with
 filter type 0; the reader handles 8-bit, non-interlaced PNGs of every colour type and all five filter
@@ -61,12 +62,33 @@ def make_grid(x, nrow=None, pad=1):
     return grid
 
 
+def channel_tiles(x):
+    """(N, C, H, W) with C not in (1, 3) (latents, multi-channel arrays) -> (N, 1, H, C * W): each
+    image's channels side by side as grayscale tiles. Every channel is normalised over the batch to
+    [-1, 1] by its min and max (a constant channel is 0, mid gray), so channels of different scales
+    are all visible."""
+    x = x.detach().float().cpu()
+    n, c, h, w = x.shape
+    lo, hi = x.amin(dim=(0, 2, 3), keepdim=True), x.amax(dim=(0, 2, 3), keepdim=True)
+    span = hi - lo
+    y = torch.where(span > 0, (x - lo) / span.clamp_min(1e-30) * 2 - 1, torch.zeros_like(x))
+    return y.permute(0, 2, 1, 3).reshape(n, 1, h, c * w)
+
+
 def save_grid(path, x, nrow=None, min_size=32):
-    """Write the images x (N, C, H, W) in [-1, 1] as one PNG grid (see make_grid) to `path`, upscaled
-    by an integer factor (nearest neighbour) so that each image is at least min_size pixels tall:
-    an 8x8 digit is 4x4 screen pixels per pixel, not a speck. Returns the factor."""
+    """Write the images x (N, C, H, W) as one PNG grid (see make_grid) to `path`, upscaled by an
+    integer factor (nearest neighbour) so that each image is at least min_size pixels tall: an 8x8
+    digit is 4x4 screen pixels per pixel, not a speck. Returns the factor.
+
+    C = 1 (gray) and C = 3 (RGB) are pixels in [-1, 1], shown as they are. Any other channel count
+    (latents, e.g. 4 channels; multi-channel arrays) has no colour meaning: each cell of the grid
+    shows one image's C channels left to right as grayscale tiles, each channel normalised over the
+    batch by its min and max (channel_tiles), and the cells are 2 black pixels apart, not 1."""
+    pad = 1
+    if x.shape[1] not in (1, 3):
+        x, pad = channel_tiles(x), 2
     scale = max(1, math.ceil(min_size / x.shape[-2]))
-    grid = make_grid(x, nrow=nrow)
+    grid = make_grid(x, nrow=nrow, pad=pad)
     write_png(path, grid.repeat(scale, axis=0).repeat(scale, axis=1))
     return scale
 
@@ -136,8 +158,9 @@ def _read_chunks(path, data):
     while pos + 12 <= len(data):
         (length,) = struct.unpack(">I", data[pos:pos + 4])
         kind, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length] or b"\0\0\0\0")
-        if len(payload) != length or zlib.crc32(kind + payload) & 0xFFFFFFFF != crc:
+        crc = data[pos + 8 + length:pos + 12 + length]
+        if len(payload) != length or len(crc) != 4 or zlib.crc32(kind + payload) & 0xFFFFFFFF != \
+                struct.unpack(">I", crc)[0]:
             raise ValueError(f"{path}: corrupt PNG (truncated chunk or CRC mismatch in {kind!r})")
         chunks.append((kind, payload))
         pos += 12 + length
@@ -273,12 +296,30 @@ def _needs_pillow(path):
     return ImportError(f"reading {path} needs Pillow (only PNG is decoded without it); {PILLOW_HINT}")
 
 
+# what Pillow raises for a broken file (UnidentifiedImageError and "image file is truncated" are OSErrors);
+# a file that is missing or unreadable keeps its own OSError
+_PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
+_IO_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError)
+
+
+def _unreadable(path, err):
+    """ValueError naming the file Pillow could not decode (its own messages often do not)."""
+    return ValueError(f"{path}: cannot decode the image, the file is corrupt or truncated "
+                      f"({type(err).__name__}: {err})")
+
+
 def image_info(path):
-    """(H, W, C) of an image file without decoding its pixels; C is 1 (gray) or 3 (colour)."""
+    """(H, W, C) of an image file without decoding its pixels; C is 1 (gray) or 3 (colour).
+    A file whose header cannot be read raises ValueError naming it."""
     pil = _import_pillow()
     if pil is not None:
-        with pil.open(path) as im:
-            return im.height, im.width, (1 if _gray_mode(im.mode) else 3)
+        try:
+            with pil.open(path) as im:
+                return im.height, im.width, (1 if _gray_mode(im.mode) else 3)
+        except _IO_ERRORS:
+            raise
+        except _PILLOW_ERRORS as err:
+            raise _unreadable(path, err) from err
     if Path(path).suffix.lower() != ".png":
         raise _needs_pillow(path)
     return png_info(path)
@@ -288,11 +329,17 @@ def read_image(path):
     """Decode an image file -> uint8 (H, W, C), C in {1, 3} (alpha dropped).
 
     Uses Pillow when importable; otherwise the built-in decoder for .png, and ImportError for others.
+    A corrupt or truncated file raises ValueError naming it.
     """
     pil = _import_pillow()
     if pil is not None:
-        with pil.open(path) as im:
-            a = np.asarray(im.convert("L" if _gray_mode(im.mode) else "RGB"), dtype=np.uint8)
+        try:
+            with pil.open(path) as im:
+                a = np.asarray(im.convert("L" if _gray_mode(im.mode) else "RGB"), dtype=np.uint8)
+        except _IO_ERRORS:
+            raise
+        except _PILLOW_ERRORS as err:
+            raise _unreadable(path, err) from err
         return a[:, :, None] if a.ndim == 2 else a
     if Path(path).suffix.lower() != ".png":
         raise _needs_pillow(path)

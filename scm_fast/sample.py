@@ -146,12 +146,15 @@ def main(argv=None):
 
 
 def write_outputs(outdir, x, labels):
-    """grid.png, images/NNNNNN.png and samples.npz (images uint8 (N, H, W, C), labels)."""
-    os.makedirs(outdir / "images", exist_ok=True)
+    """grid.png, images/NNNNNN.png (gray or RGB samples; latents and other channel counts have no
+    per-image PNG: decode them first) and samples.npz (images uint8 (N, H, W, C), labels)."""
+    os.makedirs(outdir, exist_ok=True)
     images.save_grid(outdir / "grid.png", x[:256])
     u8 = images.to_uint8(x)
-    for i, img in enumerate(u8):
-        images.write_png(outdir / "images" / f"{i:06d}.png", img)
+    if x.shape[1] in (1, 3):
+        os.makedirs(outdir / "images", exist_ok=True)
+        for i, img in enumerate(u8):
+            images.write_png(outdir / "images" / f"{i:06d}.png", img)
     extra = {} if labels is None else {"labels": labels.numpy().astype(np.int64)}
     np.savez(outdir / "samples.npz", images=u8, **extra)
 

@@ -404,3 +404,151 @@ def test_sampler_errors():
         ShardedSampler(0, 4)
     with pytest.raises(ValueError, match="global_batch must be >= 1, got global_batch=0"):
         ShardedSampler(5, 0)
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15)
+
+def test_save_grid_any_channel_count(tmp_path, no_pillow):
+    # latents (C = 4) and 5-channel arrays: each channel a grayscale tile, normalised over the batch
+    g = torch.Generator().manual_seed(0)
+    for c in (2, 4, 5):
+        x = torch.randn(3, c, 5, 5, generator=g) * torch.arange(1.0, c + 1).view(1, c, 1, 1)
+        assert save_grid(tmp_path / f"c{c}.png", x, nrow=3, min_size=1) == 1
+        back = read_image(tmp_path / f"c{c}.png")
+        # one cell per sample, its C tiles side by side; cells 2 black pixels apart
+        assert back.shape == (5 + 4, 3 * (c * 5 + 2) + 2, 1)
+        for ch in range(c):
+            tile = back[2:7, 2 + ch * 5:2 + ch * 5 + 5, 0].astype(np.float32)
+            v = x[:, ch]
+            expect = ((x[0, ch] - v.min()) / (v.max() - v.min()) * 255).numpy()
+            np.testing.assert_allclose(tile, expect, atol=1.0)
+    # 1 and 3 channels are unchanged: pixels in [-1, 1], not normalised
+    x = torch.rand(2, 3, 4, 4) * 2 - 1
+    save_grid(tmp_path / "rgb.png", x, min_size=1)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.png"), make_grid(x))
+    save_grid(tmp_path / "const.png", torch.full((2, 4, 3, 3), 0.3), min_size=1)  # constant channels: mid gray
+    assert set(np.unique(read_image(tmp_path / "const.png"))) == {0, 128}
+
+
+def _corrupt_idat(path):
+    """Keep the PNG's header and CRCs valid, but make its pixel data an invalid zlib stream."""
+    chunks = images._read_chunks(path, path.read_bytes())
+    body = b"".join(images._chunk(k, p[:6] + b"\x00garbage" * 3 if k == b"IDAT" else p) for k, p in chunks)
+    path.write_bytes(images.PNG_SIGNATURE + body)
+
+
+@pytest.mark.parametrize("pillow", [True, False], ids=["pillow", "builtin"])
+def test_image_folder_corrupt_png_is_named(tmp_path, monkeypatch, pillow):
+    if not pillow:
+        monkeypatch.setattr(images, "_import_pillow", lambda: None)
+    _write_folder(tmp_path, {f"{i}.png": _rand_u8((4, 4, 3), i) for i in range(4)})
+    _corrupt_idat(tmp_path / "2.png")
+    assert images.image_info(tmp_path / "2.png") == (4, 4, 3)  # the header alone is fine
+    # the whole folder fits the cache: it is decoded when the dataset is built, the bad file named
+    with pytest.raises(ValueError, match=r"2\.png"):
+        ImageFolder(tmp_path)
+    with pytest.raises(ValueError, match=r"2\.png"):
+        build_dataset(tmp_path)
+    # too big for the cache: decoded lazily, and the first read names the file
+    ds = ImageFolder(tmp_path, cache_bytes=2 * 48)
+    ds.get_batch(torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match=r"2\.png.*(corrupt|cannot decode)"):
+        ds.get_batch(torch.tensor([1, 2]))
+    # truncated files as well: in the pixel data, and inside the header
+    for size in (60, 20):
+        (tmp_path / "2.png").write_bytes((tmp_path / "1.png").read_bytes()[:size])
+        with pytest.raises(ValueError, match=r"2\.png"):
+            ImageFolder(tmp_path)
+
+
+def test_nonfinite_latents_are_refused(tmp_path):
+    lat = np.random.default_rng(0).normal(size=(10, 4, 3, 3)).astype(np.float32)
+    lat[3, 1, 0, 0], lat[3, 2, 1, 1], lat[7, 0, 0, 0] = np.nan, np.inf, -np.inf
+    np.savez(tmp_path / "lat.npz", latents=lat, mean=np.zeros(4), std=np.ones(4))
+    with pytest.raises(ValueError, match=r"lat\.npz: 3 non-finite values \(NaN/Inf\).*first in sample 3"):
+        LatentData(tmp_path / "lat.npz")
+    with pytest.raises(ValueError, match=r"lat\.npz: 3 non-finite"):
+        build_dataset(f"latents:{tmp_path / 'lat.npz'}")
+    np.savez(tmp_path / "stats.npz", latents=np.nan_to_num(lat), mean=np.array([0, np.nan, 0, 0]), std=np.ones(4))
+    with pytest.raises(ValueError, match=r"stats\.npz.*mean must be finite"):
+        LatentData(tmp_path / "stats.npz")
+
+
+def test_nonfinite_float_images_are_refused(tmp_path):
+    a = np.random.default_rng(0).uniform(-1, 1, (6, 3, 4, 4)).astype(np.float32)
+    a[4, 0, 1, 2] = np.nan
+    np.save(tmp_path / "f.npy", a)
+    with pytest.raises(ValueError, match=r"f\.npy: 1 non-finite values \(NaN/Inf\).*first in sample 4"):
+        load_arrays(tmp_path / "f.npy")
+
+
+def test_load_arrays_layouts(tmp_path):
+    # gray + alpha NHWC: alpha dropped (as for image files), one channel
+    ga = _rand_u8((5, 8, 8, 2))
+    np.save(tmp_path / "ga.npy", ga)
+    ds = load_arrays(tmp_path / "ga.npy")
+    assert ds.shape == (1, 8, 8)
+    torch.testing.assert_close(ds.get_batch(torch.arange(5))[0], torch.from_numpy(ga[..., :1]).permute(0, 3, 1, 2)
+                               .float() / 127.5 - 1)
+    rgba = _rand_u8((3, 6, 6, 4))
+    np.save(tmp_path / "rgba.npy", rgba)
+    assert load_arrays(tmp_path / "rgba.npy").shape == (3, 6, 6)
+    # 5 channels of 4x4 (NCHW) are not mistaken for NHWC
+    np.save(tmp_path / "c5.npy", np.zeros((2, 5, 4, 4), np.float32))
+    assert load_arrays(tmp_path / "c5.npy").shape == (5, 4, 4)
+    np.save(tmp_path / "c4.npy", np.zeros((2, 4, 8, 8), np.float32))
+    assert load_arrays(tmp_path / "c4.npy").shape == (4, 8, 8)
+    # (N, 4, 4, 4) reads either way: a clear error, and a layout entry settles it
+    cube = _rand_u8((2, 4, 4, 4))
+    np.save(tmp_path / "cube.npy", cube)
+    with pytest.raises(ValueError, match=r"cube\.npy: .*ambiguous.*'layout'.*NCHW.*NHWC"):
+        load_arrays(tmp_path / "cube.npy")
+    np.savez(tmp_path / "cube.npz", images=cube, layout="NHWC")
+    x = load_arrays(tmp_path / "cube.npz").get_batch(torch.arange(2))[0]
+    torch.testing.assert_close(x, torch.from_numpy(cube[..., :3]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    np.savez(tmp_path / "cube2.npz", images=cube, layout="NCHW")
+    assert load_arrays(tmp_path / "cube2.npz").shape == (4, 4, 4)
+    np.savez(tmp_path / "cube3.npz", images=cube, layout="HWC")
+    with pytest.raises(ValueError, match=r"cube3\.npz: layout must be 'NCHW' or 'NHWC', got 'HWC'"):
+        load_arrays(tmp_path / "cube3.npz")
+
+
+def test_truncated_or_corrupt_array_files(tmp_path):
+    np.savez(tmp_path / "ok.npz", x=_rand_u8((20, 8, 8, 3)), y=np.arange(20) % 3)
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.npz: not a readable \.npz \(truncated or corrupt"):
+        load_arrays(tmp_path / "cut.npz")
+    with pytest.raises(ValueError, match=r"cut\.npz: not a readable \.npz"):
+        build_dataset(f"latents:{tmp_path / 'cut.npz'}")
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04" + b"\x00" * 50)
+    with pytest.raises(ValueError, match=r"junk\.npz: not a readable \.npz"):
+        build_dataset(tmp_path / "junk.npz")
+    np.save(tmp_path / "ok.npy", np.zeros((20, 3, 8, 8), np.float32))
+    data = (tmp_path / "ok.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.npy: not a readable \.npy \(truncated or corrupt"):
+        load_arrays(tmp_path / "cut.npy")
+
+
+def test_build_dataset_needs_square_images(tmp_path):
+    np.savez(tmp_path / "rect.npz", x=_rand_u8((5, 8, 6, 3)))
+    with pytest.raises(ValueError, match=r"rect\.npz holds 8x6 images.*square.*--img-size"):
+        build_dataset(tmp_path / "rect.npz")
+    np.savez(tmp_path / "rlat.npz", latents=np.zeros((3, 4, 4, 2), np.float32) + np.arange(2))
+    with pytest.raises(ValueError, match=r"rlat\.npz holds 4x2 images.*square"):
+        build_dataset(f"latents:{tmp_path / 'rlat.npz'}")
+    _write_folder(tmp_path / "imgs", {"a.png": _rand_u8((6, 8)), "b.png": _rand_u8((6, 8))})
+    with pytest.raises(ValueError, match=r"6x8 images.*square.*--img-size"):
+        build_dataset(tmp_path / "imgs")
+    assert build_dataset(tmp_path / "imgs", img_size=4).shape == (1, 4, 4)
+    assert ImageFolder(tmp_path / "imgs").shape == (1, 6, 8)  # the dataset itself may be non-square
+
+
+def test_image_folder_preload(tmp_path):
+    _write_folder(tmp_path, {f"{i}.png": _rand_u8((3, 3), i) for i in range(4)})
+    assert len(ImageFolder(tmp_path)._cache) == 4  # all fit: decoded up front
+    ds = ImageFolder(tmp_path, preload=False)
+    assert len(ds._cache) == 0 and ds.preload() and len(ds._cache) == 4
+    small = ImageFolder(tmp_path, cache_bytes=2 * 9)
+    assert len(small._cache) == 0 and not small.preload() and len(small._cache) == 0

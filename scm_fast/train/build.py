@@ -108,20 +108,78 @@ def load_teacher(cfg, shape, device, log):
     return net, tcfg
 
 
+def _classes(net):
+    """The classes a network is conditioned on (its label embedding has one more row, the null class); 0: none."""
+    label = getattr(net, "label", None)
+    return label.num_embeddings - 1 if label is not None else 0
+
+
+def _check_teacher_classes(net, teacher, cfg):
+    """sCD: the teacher must be conditioned as the student is (RunError naming --teacher otherwise)."""
+    t, s = _classes(teacher), _classes(net)
+    where = f"--teacher {cfg.teacher}"
+    if s and not t:
+        raise RunError(f"{where} is unconditional (trained with --no-class-cond or on unlabeled data) but the "
+                       f"student is class-conditional ({s} classes): the student learns the teacher's classifier-free "
+                       f"guidance, which needs a class-conditional teacher; pass --no-class-cond to the student, or "
+                       f"use a class-conditional teacher")
+    if t and not s:
+        raise RunError(f"{where} is class-conditional ({t} classes) but the student is unconditional "
+                       f"(--no-class-cond, or data without labels): the trainer runs a class-conditional teacher "
+                       f"only with the data's labels (distilling its unconditional, null-label F is not supported); "
+                       f"train the student on labeled data without --no-class-cond, or use an unconditional teacher")
+    if t != s:
+        raise RunError(f"{where} was trained on {t} classes but the data has {s}: use a teacher of this data")
+
+
+def _misfit(own, state, new_ok):
+    """The first way weights `state` do not fit a network's state dict `own`, in words; None when they fit.
+    new_ok(name): whether the network may keep its init for a tensor that `state` lacks."""
+    for k, v in state.items():
+        if k not in own:
+            return f"the first tensor the student lacks is {k} {tuple(v.shape)}"
+        if tuple(own[k].shape) != tuple(v.shape):
+            return f"the first mismatching tensor is {k}: {tuple(v.shape)} there, {tuple(own[k].shape)} in the student"
+    lacking = [k for k in own if k not in state and not new_ok(k)]
+    return f"the first student tensor it lacks is {lacking[0]}" if lacking else None
+
+
+def _arch(run_cfg, path):
+    """'arch model' of a run (its TrainConfig, or read from its newest checkpoint)."""
+    try:
+        run_cfg = run_cfg or runs.read_meta(runs.resolve_checkpoint(path))[0]
+    except (OSError, ValueError, checkpoint.CheckpointError):
+        return "of another architecture"
+    return f"{run_cfg.arch} {run_cfg.model}"
+
+
 def init_weights(net, cfg, teacher, device, log):
     """sCD students start from the teacher's EMA weights [P §5.1]; --init loads any run's weights.
     Layers the source lacks (the student's guidance embedding) keep their init, with the
-    embedding's output layer zeroed so that the student starts as the teacher."""
+    embedding's output layer zeroed so that the student starts as the teacher. A teacher conditioned
+    otherwise than the student, and weights of another architecture or size, raise RunError naming
+    the flag, both networks and the first tensor that does not fit; a teacher must hold every
+    student tensor but the guidance embedding, an --init run may lack some."""
+    if teacher is not None:
+        _check_teacher_classes(net, teacher, cfg)
     source = cfg.init or (cfg.teacher if cfg.objective == "scd" else "")
     if not source:
         return
+    flag, run_cfg = ("init" if cfg.init else "teacher"), None
     if teacher is not None and source == cfg.teacher:
         state = teacher.state_dict()
     else:
-        state = _load("init", source, device)[0].state_dict()
+        src, run_cfg, _ = _load("init", source, device)
+        state = src.state_dict()
+    new_ok = (lambda k: True) if flag == "init" else (lambda k: k.startswith("guidance."))
+    problem = _misfit(net.state_dict(), state, new_ok)
+    if problem:
+        hint = ("an sCD student starts from its teacher's weights: give it the teacher's --arch, --model and "
+                "--patch, or --init it from a run of its own architecture") if flag == "teacher" else \
+            "pass that run's --arch, --model and --patch, or --init a run of this architecture"
+        raise RunError(f"--{flag} {source}: its weights do not fit the student ({problem}); the {flag} run is "
+                       f"{_arch(run_cfg, source)}, the student {cfg.arch} {cfg.model}; {hint}")
     missing, unexpected = net.load_state_dict(state, strict=False)
-    if unexpected:
-        raise RunError(f"--init {source}: weights do not fit this network (unexpected {unexpected[:5]})")
     if any(k.startswith("guidance.") for k in missing):
         net.start_as_unguided()
     log(f"initialised from {source} ({len(state) - len(unexpected)} tensors; new: {len(missing)})")
