@@ -9,8 +9,15 @@
 //
 // Forward (+ JVP): one task per (batch, head, block of kBlockM queries), keys in tiles of kBlockN,
 // online softmax in fp32:  S = tau Q K^T + b,  P~ = exp(S - m),  acc = sum P~ V,
-//   dS = tau (tQ K^T + Q tK^T),  t_acc = sum P~ tV + (P~ * dS) V,  r = sum rowsum(P~ * dS),
+//   dS = tau (tQ K^T + Q tK^T),  t_acc = sum P~ tV + (P~ * (dS - c)) V,  r = sum rowsum(P~ * (dS - c)),
 //   o = acc / l,  to = (t_acc - r o) / l,  lse = m + log l.  Six GEMMs per tile on BLAS.
+// The shift c (per row: dS at the key of the running max) leaves `to` unchanged (its terms cancel in
+// t_acc - r o) but keeps t_acc and r small when P is peaked: without it a large tau (|dS| ~ 1e4 and up)
+// loses `to` to the cancellation of t_acc and r o. When the max moves, t_acc -= (c' - c) acc and
+// r -= (c' - c) l re-base the sums.
+// tau is applied inside the GEMMs (alpha), so S and dS are stored rounded: the row max, the exponent and
+// the backward's exp(S - lse) all read the same values (a multiply fused into the subtraction would not,
+// and at tau ~ 1e9 the difference is many units: exp overflows or underflows).
 // Backward (FlashAttention-2): one task per (batch, query head), P = exp(S - lse),
 //   dV += P^T dO,  dS = tau P (dO V^T - delta),  dQ += dS K,  dK += dS^T Q.
 // Memory: O(L x tile) per thread besides inputs and outputs.
@@ -51,13 +58,17 @@ struct MaskView {
   int64_t sb = 0, sh = 0, sm = 0, sn = 0;
 
   bool empty() const { return add == nullptr && keep == nullptr; }
-  // row[j] += b(b_, h, i, j0 + j) for j < n
+  // row[j] += b(b_, h, i, j0 + j) for j < n; exactly -inf where the mask excludes the key, whatever
+  // row[j] is (a NaN q must not turn a row without keys into NaN).
   void add_row(float* row, int64_t n, int64_t b_, int64_t h, int64_t i, int64_t j0) const {
     const int64_t base = b_ * sb + h * sh + i * sm + j0 * sn;
     if (keep != nullptr) {
       for (int64_t j = 0; j < n; ++j) row[j] = keep[base + j * sn] ? row[j] : kNegInf;
     } else {
-      for (int64_t j = 0; j < n; ++j) row[j] += add[base + j * sn];
+      for (int64_t j = 0; j < n; ++j) {
+        const float a = add[base + j * sn];
+        row[j] = a == kNegInf ? kNegInf : row[j] + a;
+      }
     }
   }
 };
@@ -98,24 +109,38 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
   return mv;
 }
 
-// Scores of one tile row before the exp; returns the factor the exp still has to apply. Rows without
-// mask or causal cut stay raw (the exp multiplies by tau, one pass less); others become tau s + bias
-// with -inf outside the causal triangle.
-float prepare_scores(float* row, int64_t n, int64_t visible, float tau, const MaskView& mv, int64_t b, int64_t h,
-                     int64_t i, int64_t j0) {
-  if (mv.empty() && visible >= n && tau > 0.f) return tau;
-  for (int64_t j = 0; j < n; ++j) row[j] *= tau;
+// One tile row of scaled scores tau s (from the GEMM) becomes tau s + bias, -inf outside the causal triangle.
+void mask_scores(float* row, int64_t n, int64_t visible, const MaskView& mv, int64_t b, int64_t h, int64_t i,
+                 int64_t j0) {
   if (!mv.empty()) mv.add_row(row, std::min(n, visible), b, h, i, j0);
   for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) row[j] = kNegInf;
-  return 1.f;
+}
+
+// The first j with row[j] == value (n - 1 if none: a NaN max).
+int64_t index_of(const float* row, int64_t n, float value) {
+  int64_t j = 0;
+  while (j + 1 < n && row[j] != value) ++j;
+  return j;
 }
 
 struct FwdBuffers {
-  std::vector<float> s, ts, acc, tacc, m, l, r;
+  std::vector<float> s, ts, acc, tacc, m, l, r, c;
   FwdBuffers(int64_t Dv, bool tangent)
       : s(kBlockM * kBlockN), ts(tangent ? kBlockM * kBlockN : 0), acc(kBlockM * Dv), tacc(tangent ? kBlockM * Dv : 0),
-        m(kBlockM), l(kBlockM), r(kBlockM) {}
+        m(kBlockM), l(kBlockM), r(kBlockM), c(kBlockM) {}
 };
+
+// Row i's tangent sums after its P~ row: rescaled by alpha, re-based on the new shift, plus the tile.
+void tangent_row(FwdBuffers& buf, int64_t i, int64_t Dv, const float* p, float* dsrow, int64_t n, int64_t arg,
+                 float alpha, float l_old) {
+  const float c_new = arg >= 0 ? dsrow[arg] : buf.c[i], dc = c_new - buf.c[i];
+  buf.c[i] = c_new;
+  const float rs = masked_product_sum(p, dsrow, dsrow, n, c_new);  // P~ * (dS - c), in place
+  buf.r[i] = buf.r[i] * alpha - dc * l_old + rs;
+  float *tacc = buf.tacc.data() + i * Dv;
+  const float* acc = buf.acc.data() + i * Dv;  // already rescaled by alpha
+  for (int64_t c = 0; c < Dv; ++c) tacc[c] = tacc[c] * alpha - dc * acc[c];
+}
 
 struct FwdTensors {
   const float *q, *k, *v, *tq, *tk, *tv;  // tq == nullptr: no tangent
@@ -133,32 +158,29 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool caus
   std::fill(buf.m.begin(), buf.m.end(), kNegInf);
   std::fill(buf.l.begin(), buf.l.end(), 0.f);
   std::fill(buf.r.begin(), buf.r.end(), 0.f);
+  std::fill(buf.c.begin(), buf.c.end(), 0.f);
   std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
   std::fill(buf.tacc.begin(), buf.tacc.end(), 0.f);
   const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
   for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
     const int64_t bn = std::min(kBlockN, hi - j0);
     const float *K = t.k + k_off + j0 * d.D, *V = t.v + v_off + j0 * d.Dv;
-    gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + q_off, d.D, K, d.D, 0.f, S, kBlockN);
-    if (tangent) {  // dS / tau = tQ K^T + Q tK^T
-      gemm_rm(false, true, bm, bn, d.D, 1.f, t.tq + q_off, d.D, K, d.D, 0.f, TS, kBlockN);
-      gemm_rm(false, true, bm, bn, d.D, 1.f, t.q + q_off, d.D, t.tk + k_off + j0 * d.D, d.D, 1.f, TS, kBlockN);
+    gemm_rm(false, true, bm, bn, d.D, tau, t.q + q_off, d.D, K, d.D, 0.f, S, kBlockN);  // tau Q K^T
+    if (tangent) {  // dS = tau tQ K^T + tau Q tK^T
+      gemm_rm(false, true, bm, bn, d.D, tau, t.tq + q_off, d.D, K, d.D, 0.f, TS, kBlockN);
+      gemm_rm(false, true, bm, bn, d.D, tau, t.q + q_off, d.D, t.tk + k_off + j0 * d.D, d.D, 1.f, TS, kBlockN);
     }
     for (int64_t i = 0; i < bm; ++i) {
       float* row = S + i * kBlockN;
-      const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
-      const float mult = prepare_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0);
-      const float m_new = std::max(buf.m[i], mult * row_max(row, bn));  // mult > 0
+      mask_scores(row, bn, causal ? i0 + i - j0 + 1 : bn, mv, b, h, i0 + i, j0);
+      const float tile_max = row_max(row, bn), m_old = buf.m[i], m_new = std::max(m_old, tile_max);
       const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
-      const float alpha = exp_fast(buf.m[i] - m_safe);
-      buf.l[i] = buf.l[i] * alpha + exp_sub_sum(row, bn, m_safe, mult);
+      const float alpha = exp_fast(m_old - m_safe), l_old = buf.l[i] * alpha;
+      const int64_t arg = tangent && tile_max > m_old ? index_of(row, bn, tile_max) : -1;  // the max moved here
+      buf.l[i] = l_old + exp_sub_sum(row, bn, m_safe);
       buf.m[i] = m_new;
       for (int64_t c = 0; c < d.Dv; ++c) acc[i * d.Dv + c] *= alpha;
-      if (!tangent) continue;
-      float* trow = TS + i * kBlockN;
-      const float rs = masked_product_sum(row, trow, trow, bn, tau);  // P~ * dS, in place
-      buf.r[i] = buf.r[i] * alpha + rs;
-      for (int64_t c = 0; c < d.Dv; ++c) tacc[i * d.Dv + c] *= alpha;
+      if (tangent) tangent_row(buf, i, d.Dv, row, TS + i * kBlockN, bn, arg, alpha, l_old);
     }
     gemm_rm(false, false, bm, d.Dv, bn, 1.f, S, kBlockN, V, d.Dv, 1.f, acc, d.Dv);
     if (tangent) {
@@ -231,14 +253,13 @@ void bwd_head(const float* q, const float* k, const float* v, const float* dO, c
     const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
     for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
       const int64_t bn = std::min(kBlockN, hi - j0);
-      gemm_rm(false, true, bm, bn, d.D, 1.f, Q, d.D, k + j0 * d.D, d.D, 0.f, P.data(), kBlockN);
+      gemm_rm(false, true, bm, bn, d.D, tau, Q, d.D, k + j0 * d.D, d.D, 0.f, P.data(), kBlockN);  // as forward
       gemm_rm(false, true, bm, bn, d.Dv, 1.f, DO, d.Dv, v + j0 * d.Dv, d.Dv, 0.f, dS.data(), kBlockN);
       for (int64_t i = 0; i < bm; ++i) {
         float *row = P.data() + i * kBlockN, *drow = dS.data() + i * kBlockN;
-        const int64_t visible = causal ? i0 + i - j0 + 1 : bn;
-        const float mult = prepare_scores(row, bn, visible, tau, mv, b, h, i0 + i, j0);
+        mask_scores(row, bn, causal ? i0 + i - j0 + 1 : bn, mv, b, h, i0 + i, j0);
         const float l = lse[i0 + i] == kNegInf ? -kNegInf : lse[i0 + i], dl = delta[i0 + i];
-        exp_sub_sum(row, bn, l, mult);  // P = exp(S - lse)
+        exp_sub_sum(row, bn, l);  // P = exp(S - lse)
 #pragma omp simd
         for (int64_t j = 0; j < bn; ++j) drow[j] = tau * row[j] * (drow[j] - dl);
       }

@@ -118,38 +118,38 @@ inline float row_max(const float* x, int64_t n) {
   return mx;
 }
 
-// x[j] = exp(scale * x[j] - sub) for j < n; returns the sum of the results.
-inline float exp_sub_sum(float* x, int64_t n, float sub, float scale = 1.f) {
+// x[j] = exp(x[j] - sub) for j < n; returns the sum of the results.
+inline float exp_sub_sum(float* x, int64_t n, float sub) {
   int64_t j = 0;
   float sum = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
-  const __m256 s = _mm256_set1_ps(sub), m = _mm256_set1_ps(scale);
+  const __m256 s = _mm256_set1_ps(sub);
   for (; j + 8 <= n; j += 8) {
-    const __m256 e = exp_fast8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), m, s));
+    const __m256 e = exp_fast8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s));
     _mm256_storeu_ps(x + j, e);
     acc = _mm256_add_ps(acc, e);
   }
   sum = hsum8(acc);
 #endif
   for (; j < n; ++j) {
-    x[j] = exp_fast(scale * x[j] - sub);
+    x[j] = exp_fast(x[j] - sub);
     sum += x[j];
   }
   return sum;
 }
 
-// out[j] = scale * p[j] * t[j], exactly 0 where p[j] == 0 (masked keys, whatever t holds);
+// out[j] = p[j] * (t[j] - shift), exactly 0 where p[j] == 0 (masked keys, whatever t holds);
 // returns the sum of out.
-inline float masked_product_sum(const float* p, const float* t, float* out, int64_t n, float scale) {
+inline float masked_product_sum(const float* p, const float* t, float* out, int64_t n, float shift) {
   int64_t j = 0;
   float sum = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
-  const __m256 s = _mm256_set1_ps(scale), zero = _mm256_setzero_ps();
+  const __m256 s = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
   for (; j + 8 <= n; j += 8) {
     const __m256 pj = _mm256_loadu_ps(p + j);
-    const __m256 prod = _mm256_mul_ps(_mm256_mul_ps(pj, _mm256_loadu_ps(t + j)), s);
+    const __m256 prod = _mm256_mul_ps(pj, _mm256_sub_ps(_mm256_loadu_ps(t + j), s));
     const __m256 o = _mm256_andnot_ps(_mm256_cmp_ps(pj, zero, _CMP_EQ_OQ), prod);
     _mm256_storeu_ps(out + j, o);
     acc = _mm256_add_ps(acc, o);
@@ -157,7 +157,7 @@ inline float masked_product_sum(const float* p, const float* t, float* out, int6
   sum = hsum8(acc);
 #endif
   for (; j < n; ++j) {
-    out[j] = p[j] == 0.f ? 0.f : scale * p[j] * t[j];
+    out[j] = p[j] == 0.f ? 0.f : p[j] * (t[j] - shift);
     sum += out[j];
   }
   return sum;

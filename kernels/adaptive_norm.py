@@ -7,6 +7,8 @@ Per batch element b, with x seen as (B, R, C) (R positions, C channels; scm-refe
     (layer; rms: mu = 0, var = mean(x^2)) or the C/G channels of group g at all R positions (group).
 Per channel the forward folds everything but xhat into
     alpha = s^ w,   beta = s^ bias + b^,   y = xhat alpha + beta.
+    (rs_a and k_a from a / m, m a power of two >= max|a| once that exceeds 2^32: exact scaling, and
+    mean_c(a^2) cannot overflow fp32, as it would past |a| ~ 1e19.)
 Tangents (tx, tscale, tshift): t_pnorm(a) = rs_a (ta - k_a a), k_a = rs_a^2 mean_c(a ta), and
     t_xhat = rstd (tx - mean(tx) - xhat rstd cov),   cov = mean((x - mu) tx)   (rms: no mean(tx))
     ty = t_xhat alpha + xhat gamma + delta,   gamma = t_s^ w,   delta = t_s^ bias + t_b^.
@@ -88,22 +90,47 @@ def _first_channel(X, x_base, offs_r, c, R, C, CHANNELS_LAST: tl.constexpr, INT6
 
 
 @triton.jit
+def _pow2_scale(amax):
+    """1, or for amax >= 2^32 a power of two >= amax (at most 2^127): dividing by it is exact."""
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent: amax < 2^(e - 126)
+    e = tl.where(e >= 127 + 32, tl.minimum(e + 1, 254), 127)
+    return (e << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _abs_max(A, off, C, BLOCK_C: tl.constexpr):
+    offs = tl.arange(0, BLOCK_C)
+    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        a = tl.load(A + off + c0 + offs, mask=c0 + offs < C, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(a))
+    return tl.max(amax, 0)
+
+
+@triton.jit
+def _rs_k(ss, st, C, eps, m):
+    """(rs, k) from ss = sum (a / m)^2 and st = sum (a / m) t: rs = 1 / sqrt(mean(a^2) + eps),
+    k = rs^2 mean(a t), computed without forming a^2 (r1 = rs m)."""
+    r1 = tl.math.rsqrt(ss / C + eps / (m * m))
+    return r1 / m, r1 * r1 * st / C / m
+
+
+@triton.jit
 def _pnorm_scalars(A, TA, off, C, eps, BLOCK_C: tl.constexpr, HAS_TANGENT: tl.constexpr):
     """(rs, k) of one (C,) vector a at A + off: pnorm(a) = rs a, t_pnorm(a) = rs (ta - k a); k = 0
     without tangent."""
     offs = tl.arange(0, BLOCK_C)
+    m = _pow2_scale(_abs_max(A, off, C, BLOCK_C))
     ss = tl.zeros([BLOCK_C], dtype=tl.float32)
     st = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cmask = c0 + offs < C
-        a = tl.load(A + off + c0 + offs, mask=cmask, other=0.0).to(tl.float32)
+        a = tl.load(A + off + c0 + offs, mask=cmask, other=0.0).to(tl.float32) / m
         ss += a * a
         if HAS_TANGENT:
             ta = tl.load(TA + off + c0 + offs, mask=cmask, other=0.0).to(tl.float32)
             st += a * ta
-    rs = tl.math.rsqrt(tl.sum(ss, 0) / C + eps)
-    k = rs * rs * tl.sum(st, 0) / C
-    return rs, k
+    return _rs_k(tl.sum(ss, 0), tl.sum(st, 0), C, eps, m)
 
 
 @triton.jit
@@ -487,11 +514,13 @@ def _adanorm_bwd_finish_kernel(
     sc_base = off_b * C
     acc_base = off_b * 4 * C
     offs = tl.arange(0, BLOCK_C)
+    m_s = _pow2_scale(_abs_max(Scale, sc_base, C, BLOCK_C))
+    m_h = _pow2_scale(_abs_max(Shift, sc_base, C, BLOCK_C))
     ss = tl.zeros([BLOCK_C], dtype=tl.float32)
     hh = tl.zeros([BLOCK_C], dtype=tl.float32)
     sd = tl.zeros([BLOCK_C], dtype=tl.float32)
     hd = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):  # pass 1: A, Bs and the pnorm sums
+    for c0 in range(0, C, BLOCK_C):  # pass 1: A, Bs and the pnorm sums (of scale / m_s, shift / m_h)
         c = c0 + offs
         cmask = c < C
         a = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -507,16 +536,14 @@ def _adanorm_bwd_finish_kernel(
             d_s = a * tl.load(W + c, mask=cmask, other=0.0).to(tl.float32)
         if HAS_B:
             d_s += bs * tl.load(Bias + c, mask=cmask, other=0.0).to(tl.float32)
-        scale = tl.load(Scale + sc_base + c, mask=cmask, other=0.0).to(tl.float32)
-        shift = tl.load(Shift + sc_base + c, mask=cmask, other=0.0).to(tl.float32)
+        scale = tl.load(Scale + sc_base + c, mask=cmask, other=0.0).to(tl.float32) / m_s
+        shift = tl.load(Shift + sc_base + c, mask=cmask, other=0.0).to(tl.float32) / m_h
         ss += scale * scale
         hh += shift * shift
         sd += scale * d_s
         hd += shift * bs
-    rs_s = tl.math.rsqrt(tl.sum(ss, 0) / C + eps)
-    rs_h = tl.math.rsqrt(tl.sum(hh, 0) / C + eps)
-    k_s = rs_s * rs_s * tl.sum(sd, 0) / C
-    k_h = rs_h * rs_h * tl.sum(hd, 0) / C
+    rs_s, k_s = _rs_k(tl.sum(ss, 0), tl.sum(sd, 0), C, eps, m_s)
+    rs_h, k_h = _rs_k(tl.sum(hh, 0), tl.sum(hd, 0), C, eps, m_h)
     tl.debug_barrier()  # pass 2 reads Acc back, maybe in other threads
     for c0 in range(0, C, BLOCK_C):  # pass 2: d scale, d shift, s^ A, s^ Bs
         c = c0 + offs

@@ -4,11 +4,18 @@ Per query row, with tau the softmax scale and an optional additive mask b (scm-r
     s = tau q K^T + b,   p = softmax(s),   o = p V,   lse = logsumexp(s)
 Tangents (tq, tK, tV) give, with ds = tau (tq K^T + q tK^T) (the mask is a constant):
     to = (p * ds) V - <p, ds> o + p tV
-One pass over the keys with an online softmax keeps, per query block, m_i (row max, log2 units),
-l_i (row sum) and the accumulators
-    acc = sum p~ V,   t_acc = sum p~ tV + (p~ * ds) V,   r_i = sum rowsum(p~ * ds),
-each rescaled by alpha = exp2(m_old - m_new). Epilogue: o = acc / l, to = (t_acc - r o) / l,
-lse = (m + log2 l) ln 2. Rows without a valid key (l = 0) give o = 0, to = 0, lse = -inf.
+One pass over the keys with an online softmax keeps, per query block, m_i (row max), l_i (row sum)
+and the accumulators
+    acc = sum p~ V,   t_acc = sum p~ tV + (p~ * (ds - c)) V,   r_i = sum rowsum(p~ * (ds - c)),
+each rescaled by alpha = exp(m_old - m_new). The shift c_i is ds at the key of the running max: it
+cancels in to (t_acc - r o) but keeps both terms small when p is peaked, where a large tau would
+otherwise lose to to their cancellation; when the max moves, t_acc -= (c' - c) acc, r -= (c' - c) l.
+Epilogue: o = acc / l, to = (t_acc - r o) / l, lse = m + log l. Rows without a valid key (l = 0) give
+o = 0, to = 0, lse = -inf.
+Scores stay in natural units (s = tau q K^T + b, p = exp(s - m)): the max, the exponent and the
+backward's exp(s - lse) read the same rounded s, and lse needs no log2 <-> ln round trip (which at
+|s| ~ 1e2 already moves p by ~1e-5, and at tau ~ 1e9 overflows). A key the mask excludes is -inf
+whatever q K^T is (NaN included), so a row with no valid key is 0 even for a NaN q.
 FLOPs per (query, key) pair: forward 2 D + 2 Dv; forward + JVP 6 D + 6 Dv (six tile products).
 
 Backward of the primal output (FlashAttention-2): delta = rowsum(do * o), p = exp(s - lse),
@@ -34,11 +41,21 @@ INTERPRET_BLOCK_N = 64
 
 @triton.jit
 def _load_bias(ptrs, valid, MASK_IS_BOOL: tl.constexpr):
-    """Mask tile as an additive bias in log2 units (-inf where masked)."""
+    """Mask tile as an additive bias (-inf where masked)."""
     if MASK_IS_BOOL:
         keep = tl.load(ptrs, mask=valid, other=0)
         return tl.where(keep != 0, 0.0, float("-inf"))
-    return tl.load(ptrs, mask=valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _masked_scores(s, valid, ptrs, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr):
+    """(s + bias, exactly -inf outside `valid` and where the mask excludes the key; the new valid)."""
+    if HAS_MASK:
+        bias = _load_bias(ptrs, valid, MASK_IS_BOOL)
+        valid = valid & (bias != float("-inf"))
+        s += bias
+    return tl.where(valid, s, float("-inf")), valid
 
 
 @triton.jit
@@ -74,7 +91,6 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Lq
-    qk_scale = tau * 1.4426950408889634  # exp2 domain
 
     q_off = off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(Q + q_off, mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -96,6 +112,7 @@ def _attn_fwd_kernel(
         TV_base = TV + off_b * stride_tvb + off_hk * stride_tvh
         t_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     hi = Lk
     if IS_CAUSAL:
@@ -110,18 +127,18 @@ def _attn_fwd_kernel(
         if UPCAST:
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_M, BLOCK_N)
         valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
-        if HAS_MASK:
-            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            s += _load_bias(mask_ptrs, valid, MASK_IS_BOOL)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+        tile_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_old = l_i * alpha
+        l_i = l_old + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
         if HAS_TANGENT:
             tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
             tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :],
@@ -131,13 +148,19 @@ def _attn_fwd_kernel(
                 tv = tv.to(tl.float32)
             ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
             ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
-            pds = tl.where(valid, p * ds, 0.0)
-            r_i = r_i * alpha + tl.sum(pds, 1)
-            t_acc = t_acc * alpha[:, None] + tl.dot(p.to(tv.dtype), tv, input_precision=INPUT_PRECISION)
+            at_max = tl.sum(tl.where(offs_n[None, :] == start_n + tl.argmax(s, 1)[:, None], ds, 0.0), 1)
+            c_new = tl.where(tile_max > m_i, at_max, c_i)  # ds at the running max (module docstring)
+            dc = c_new - c_i
+            c_i = c_new
+            pds = tl.where(valid, p * (ds - c_new[:, None]), 0.0)
+            r_i = r_i * alpha - dc * l_old + tl.sum(pds, 1)
+            t_acc = t_acc * alpha[:, None] - dc[:, None] * acc
+            t_acc = tl.dot(p.to(tv.dtype), tv, t_acc, input_precision=INPUT_PRECISION)
             if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
                 t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
             else:
                 t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -146,7 +169,7 @@ def _attn_fwd_kernel(
     o_off = off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :]
     o_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
-    lse = tl.where(has_key, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has_key, m_i + tl.log(l_safe), float("-inf"))
     tl.store(LSE + off_bh * Lq + offs_m, lse, mask=m_ok)
     if HAS_TANGENT:
         to = (t_acc - r_i[:, None] * o) / l_safe[:, None]
@@ -177,7 +200,7 @@ def _attn_bwd_delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_om,
 def _load_lse(LSE, off, offs, L):
     """Row lse, with empty rows (-inf) turned to +inf so that exp(s - lse) = 0 there."""
     lse = tl.load(LSE + off + offs, mask=offs < L, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
 @triton.jit
@@ -202,7 +225,6 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Lk
-    qk_scale = tau * 1.4426950408889634
     k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                 mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
@@ -230,12 +252,11 @@ def _attn_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
             delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
-            sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
             validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL)
-            if HAS_MASK:
-                mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
-                sT += _load_bias(mask_ptrs, validT, MASK_IS_BOOL)
-            pT = tl.where(validT, tl.exp2(sT - lse[None, :]), 0.0)
+            mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
+            sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+            pT = tl.exp(sT - lse[None, :])  # s as the forward rounded it (the select keeps it unfused)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
             dsT = pT * (dpT - delta[None, :])
@@ -267,7 +288,6 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Lq
-    qk_scale = tau * 1.4426950408889634
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
@@ -294,12 +314,11 @@ def _attn_bwd_dq_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             vT = vT.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * tau
         valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
-        if HAS_MASK:
-            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            s += _load_bias(mask_ptrs, valid, MASK_IS_BOOL)
-        p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+        mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+        p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)

@@ -309,6 +309,25 @@ from scm_fast.ops.attention import attention as _attention  # noqa: E402
 _attention_eager = torch.compiler.disable(_attention)
 
 
+def _positive_int(name, value, none_ok=False):
+    if (value is None and none_ok) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return
+    raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {value!r}")
+
+
+def _check_sizes(dim, heads, kv_heads, context_dim):
+    for name, value in (("dim", dim), ("heads", heads), ("kv_heads", kv_heads)):
+        _positive_int(name, value)
+    _positive_int("context_dim", context_dim, none_ok=True)
+    if dim % heads or heads % kv_heads:
+        raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}) and heads a multiple of "
+                         f"kv_heads ({kv_heads})")
+
+
+def _shape_of(x):
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 class Attention(torch.nn.Module):
     """Multi-head attention on scm_fast's fused op: qkv Linear -> optional QK RMSNorm -> attention ->
     output Linear; x (B, L, dim) -> (B, L, dim). Under torch.func.jvp one kernel gives the output and
@@ -328,9 +347,8 @@ class Attention(torch.nn.Module):
     def __init__(self, dim, heads, *, kv_heads=None, context_dim=None, qk_norm=True, bias=True, eps=1e-6):
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
-        if dim % heads or heads % kv_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads}) and heads a multiple of "
-                             f"kv_heads ({kv_heads})")
+        _check_sizes(dim, heads, kv_heads, context_dim)
+        self.dim, self.context_dim = dim, context_dim
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         kv = 2 * kv_heads * self.head_dim
         self.cross = context_dim is not None
@@ -346,9 +364,18 @@ class Attention(torch.nn.Module):
     def _heads(self, x, n):
         return x.reshape(x.shape[0], x.shape[1], n, self.head_dim).transpose(1, 2)  # (B, n, L, D)
 
-    def forward(self, x, context=None, attn_mask=None, causal=False):
+    def _check_inputs(self, x, context):
         if self.cross != (context is not None):
             raise ValueError("context must be given exactly when the module was built with context_dim")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, L, dim) = (B, L, {self.dim}), got {_shape_of(x)}")
+        if self.cross and (not isinstance(context, torch.Tensor) or context.dim() != 3
+                           or context.shape[0] != x.shape[0] or context.shape[-1] != self.context_dim):
+            raise ValueError(f"context must be (B, S, context_dim) = ({x.shape[0]}, S, {self.context_dim}), "
+                             f"got {_shape_of(context)}")
+
+    def forward(self, x, context=None, attn_mask=None, causal=False):
+        self._check_inputs(x, context)
         B, L, C = x.shape
         if self.cross:
             q, kv = self.q(x), self.kv(context)

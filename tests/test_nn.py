@@ -1,4 +1,6 @@
 """scm_fast.nn layers: PyTorch's values and gradients, exact tangents that carry no autograd graph."""
+import re
+
 import pytest
 import torch
 
@@ -54,3 +56,40 @@ def test_linear_tangent_along_its_parameters():
     f = lambda w, b: torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
     _, t = torch.func.jvp(f, (m.weight.detach(), m.bias.detach()), (tw, tb))
     torch.testing.assert_close(t, x @ tw.t() + tb)
+
+
+# ---- nn.Attention: arguments and input shapes ------------------------------------------------
+@pytest.mark.parametrize("args,kw,fragment", [
+    ((8, 0), {}, "heads must be a positive int, got 0"),
+    ((8, 2), dict(kv_heads=0), "kv_heads must be a positive int, got 0"),
+    ((0, 2), {}, "dim must be a positive int, got 0"),
+    ((8, 3), {}, "dim (8) must be a multiple of heads (3)"),
+    ((8, 4), dict(kv_heads=3), "heads a multiple of kv_heads (3)"),
+    ((8, 2), dict(context_dim=0), "context_dim must be a positive int or None, got 0"),
+])
+def test_attention_module_arguments(args, kw, fragment):
+    with pytest.raises(ValueError) as info:
+        nn.Attention(*args, **kw)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 3, 6), (1, 2, 3, 8)])
+def test_attention_module_names_the_expected_x_shape(shape):
+    m = nn.Attention(8, 2)
+    with pytest.raises(ValueError, match=r"x must be \(B, L, dim\) = \(B, L, 8\), got shape " + re.escape(str(shape))):
+        m(torch.randn(shape))
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5), (1, 3, 4)])
+def test_attention_module_names_the_expected_context_shape(shape):
+    m = nn.Attention(8, 2, context_dim=4)
+    with pytest.raises(ValueError, match=r"context must be \(B, S, context_dim\) = \(2, S, 4\), got shape "
+                                         + re.escape(str(shape))):
+        m(torch.randn(2, 5, 8), context=torch.randn(shape))
+
+
+def test_attention_module_empty_context_gives_zeros_before_the_output_projection():
+    """S = 0 keys: every query row is fully masked, the attention output is 0, the module returns proj(0)."""
+    m = nn.Attention(8, 2, context_dim=4)
+    y = m(torch.randn(2, 5, 8), context=torch.randn(2, 0, 4))
+    torch.testing.assert_close(y, m.proj.bias.expand(2, 5, 8))

@@ -9,10 +9,12 @@ kernel computes y and its tangent together. The math, the statistics and the clo
 derivatives are in adaptive_norm_ref.py; the C++ (csrc/adaptive_norm.cpp) and Triton
 (kernels/adaptive_norm.py) kernels implement them.
 """
+import math
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from scm_fast.ops import _registry
+from scm_fast.ops import _registry, _transforms
 from scm_fast.ops.adaptive_norm_ref import (NORMS, adaptive_double_norm_ref, adaptive_norm_bwd_reference,
                                             adaptive_norm_fwd_jvp_reference, adaptive_norm_fwd_reference, pnorm)
 from scm_fast.precision import accumulation_dtype
@@ -63,6 +65,8 @@ def _check_args(x, scale, shift, weight, bias, norm, num_groups, eps, channels_l
         raise ValueError(f"num_groups applies to norm='group' only, got num_groups={num_groups!r} with norm={norm!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if not math.isfinite(eps):
+        raise ValueError(f"eps must be a positive float, got {eps!r}: it must be finite")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -121,10 +125,13 @@ _registry.define("adaptive_norm_bwd", adaptive_norm_bwd_reference, _triton_bwd, 
 
 # ---- autograd --------------------------------------------------------------------------------
 def _backward(ctx, grad_y):
+    _transforms.check_backward(ctx.uses, grad_y)
     x, scale, shift, weight, bias, mean, rstd = ctx.saved_tensors
-    gx, gs, gb, gw, gbias = _registry.call("adaptive_norm_bwd", grad_y.contiguous(), x, scale, shift, weight, bias,
-                                           mean, rstd, *ctx.config)
-    return gx, gs, gb, (gw if weight is not None else None), (gbias if bias is not None else None)
+    with torch.no_grad():  # first order only (_transforms.first_order)
+        gx, gs, gb, gw, gbias = _registry.call("adaptive_norm_bwd", grad_y.contiguous(), x, scale, shift, weight,
+                                               bias, mean, rstd, *ctx.config)
+    grads = gx, gs, gb, (gw if weight is not None else None), (gbias if bias is not None else None)
+    return _transforms.first_order(ctx.uses, grads, (grad_y, x, scale, shift, weight, bias))
 
 
 def _affine_tangent(x, scale, mean, rstd, tw, tbias, config):
@@ -147,24 +154,26 @@ class _AdaptiveNorm(torch.autograd.Function):
     """(y, mean, rstd) of (x, scale, shift, weight, bias). Its jvp is exact for every input."""
 
     @staticmethod
-    def forward(x, scale, shift, weight, bias, config):
+    def forward(x, scale, shift, weight, bias, config, uses):
         return _registry.call("adaptive_norm_fwd", x, scale, shift, weight, bias, *config)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, scale, shift, weight, bias, config = inputs
+        x, scale, shift, weight, bias, config, uses = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(*(None if t is None else t.detach() for t in (x, scale, shift, weight, bias, mean, rstd)))
+        # not detached: a gradient of the backward must reach the inputs' graph (_transforms.first_order)
+        ctx.save_for_backward(x, scale, shift, weight, bias, mean.detach(), rstd.detach())
         ctx.save_for_forward(x, scale, shift, weight, bias, mean, rstd)
-        ctx.config = config
+        ctx.config, ctx.uses = config, uses
 
     @staticmethod
     def backward(ctx, grad_y, _gm, _gr):
-        return *_backward(ctx, grad_y), None
+        return *_backward(ctx, grad_y), None, None
 
     @staticmethod
-    def jvp(ctx, tx, tscale, tshift, tw, tbias, _):
+    def jvp(ctx, tx, tscale, tshift, tw, tbias, *_):
+        _transforms.check_jvp(ctx.uses, (tx, tscale, tshift, tw, tbias))
         x, scale, shift, weight, bias, mean, rstd = ctx.saved_tensors
         tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, tx), (scale, tscale), (shift, tshift))]
         ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
@@ -179,28 +188,29 @@ class _AdaptiveNormFused(torch.autograd.Function):
     the weight and bias carry none, so jvp returns the ty already computed."""
 
     @staticmethod
-    def forward(x, scale, shift, tx, tscale, tshift, weight, bias, config, tangents_of_inputs):
+    def forward(x, scale, shift, tx, tscale, tshift, weight, bias, config, tangents_of_inputs, uses):
         return _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, tx, tscale, tshift, weight, bias, *config)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, scale, shift, _, _, _, weight, bias, config, tangents_of_inputs = inputs
+        x, scale, shift, _, _, _, weight, bias, config, tangents_of_inputs, uses = inputs
         _, mean, rstd, ty = output
         ctx.mark_non_differentiable(mean, rstd, ty)
         ctx.save_for_backward(*(None if t is None else t.detach() for t in (x, scale, shift, weight, bias, mean, rstd)))
         ctx.save_for_forward(ty) if tangents_of_inputs else ctx.save_for_forward(x, scale, shift, weight, bias)
-        ctx.config, ctx.fused = config, tangents_of_inputs
+        ctx.config, ctx.fused, ctx.uses = config, tangents_of_inputs, uses
         ctx.set_materialize_grads(False)  # no zero tangents for tx, tscale, tshift (a full x-sized fill)
 
     @staticmethod
     def backward(ctx, grad_y, _gm, _gr, _gt):
         if grad_y is None:
-            return (None,) * 10
+            return (None,) * 11
         gx, gs, gb, gw, gbias = _backward(ctx, grad_y)
-        return gx, gs, gb, None, None, None, gw, gbias, None, None
+        return gx, gs, gb, None, None, None, gw, gbias, None, None, None
 
     @staticmethod
-    def jvp(ctx, gx, gscale, gshift, *_):
+    def jvp(ctx, gx, gscale, gshift, _gtx, _gts, _gth, gw, gbias, *_):
+        _transforms.check_jvp(ctx.uses, (gx, gscale, gshift, gw, gbias))
         if ctx.fused:
             (ty,) = ctx.saved_tensors
         else:  # an outer forward AD over explicit-tangent code
@@ -233,14 +243,21 @@ def adaptive_double_norm(x, scale, shift, *, norm="layer", num_groups=None, eps=
     Computes in fp32 (fp64 for fp64 x) and returns x.dtype; scale and shift may have another dtype
     than x (e.g. an fp32 time embedding with bf16 activations).
     Differentiable in reverse mode and in forward mode (torch.func.jvp, torch.autograd.forward_ad):
-    with tangents on any of x, scale, shift one fused pass computes y and its tangent.
+    with tangents on any of x, scale, shift one fused pass computes y and its tangent. First
+    derivatives only: double backward, jvp of grad and jvp of jvp raise a RuntimeError
+    (scm_fast.ops._transforms); adaptive_double_norm_ref differentiates to any order.
+    eps is a positive finite float; B = 0 or no positions give empty results. pnorm stays exact for
+    huge scale / shift (|a| past 1e19, where mean(a^2) overflows fp32); x itself must keep x^2 finite
+    (|x| below ~1e19), as for PyTorch's own fp32 norms.
     """
     config = _check_args(x, scale, shift, weight, bias, norm, num_groups, eps, channels_last)
+    _transforms.check_call("adaptive_double_norm", (x, scale, shift, weight, bias))
     x, scale, shift = x.contiguous(), scale.contiguous(), shift.contiguous()
     weight, bias = (None if p is None else p.contiguous() for p in (weight, bias))
+    uses = _transforms.Uses("adaptive_double_norm")
     has_t = any(_tangent(t) is not None for t in (x, scale, shift))
     if has_t and _tangent(weight) is None and _tangent(bias) is None:
         tangents = [torch.zeros_like(t) if _tangent(t) is None else _tangent(t).contiguous() for t in (x, scale, shift)]
-        return _AdaptiveNormFused.apply(x, scale, shift, *tangents, weight, bias, config, True)[0]
-    return _AdaptiveNorm.apply(x, scale, shift, weight, bias, config)[0]
+        return _AdaptiveNormFused.apply(x, scale, shift, *tangents, weight, bias, config, True, uses)[0]
+    return _AdaptiveNorm.apply(x, scale, shift, weight, bias, config, uses)[0]
 

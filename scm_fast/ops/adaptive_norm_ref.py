@@ -9,7 +9,9 @@ rms takes a weight only), with the statistics over a "norm set":
     layer  xhat = (x - mu) / sqrt(var + eps)     set: the C channels of one position      (2)
     rms    xhat = x / sqrt(mean(x^2) + eps)       set: the C channels of one position      (3)
     group  xhat = (x - mu) / sqrt(var + eps)     set: the C/G channels of group g, all R   (4)
-var is the biased variance; the same eps is used inside both norms. rstd = 1 / sqrt(var + eps)
+var is the biased variance; the same eps is used inside both norms. rs_a is computed from a / m, m = 1
+or, once max|a| >= 2^32, a power of two >= max|a| (exact scaling): pnorm(a) stays O(1) up to fp32's
+limit, where mean(a^2) alone overflows past |a| ~ 1e19. rstd = 1 / sqrt(var + eps)
 (rms: 1 / sqrt(mean(x^2) + eps)) and mu (0 for rms) are the statistics the kernels save, fp32
 (fp64 for fp64 inputs), shaped (B, R) for layer/rms and (B, G) for group.
 
@@ -24,6 +26,8 @@ The kernels implement these closed forms (means over the norm set, sums over pos
 derivatives the tests compare against); the `*_reference` functions at the end implement the op
 schemas with the closed forms in torch ops (the reference backend, and fp64).
 """
+import math
+
 import torch
 
 from scm_fast.precision import accumulation_dtype
@@ -35,16 +39,30 @@ def _compute_dtype(x):
     return accumulation_dtype(x)
 
 
+def _pow2_at_least(a):
+    """Per row, a constant: 1, or once max|a| >= 2^32 a power of two >= it (a / it is exact, its square finite)."""
+    amax = a.detach().abs().amax(-1, keepdim=True)
+    mantissa = torch.frexp(amax).mantissa  # amax = mantissa 2^e, mantissa in [0.5, 1): amax / mantissa = 2^e
+    return torch.where(amax >= 2.0 ** 32, amax / mantissa, torch.ones_like(amax))
+
+
+def rs_of(a, eps):
+    """rs_a = 1 / sqrt(mean_c(a^2) + eps) of (B, C) vectors, (B, 1), without overflow (module docstring)."""
+    m = _pow2_at_least(a)
+    return torch.rsqrt((a / m).square().mean(-1, keepdim=True) + eps / m.square()) / m
+
+
 def pnorm(a, eps):
     """Pixel norm over the channels of a (B, C) vector, eq. (1)."""
-    return a * torch.rsqrt(a.square().mean(-1, keepdim=True) + eps)
+    return a * rs_of(a, eps)
 
 
 def _to_blc(x, channels_last):
-    """x as (B, R, C) (a view for channels-last, a transposed view otherwise)."""
+    """x as (B, R, C) (a view for channels-last, a transposed view otherwise); sizes spelled out, as
+    B or R may be 0."""
     if channels_last:
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).transpose(1, 2)
 
 
 def _from_blc(y, like, channels_last):
@@ -104,8 +122,7 @@ def _sets(t3, norm, num_groups):
 def _coefs(scale, shift, weight, bias, eps, dtype):
     """pnorm(scale), pnorm(shift), their rs factors, and the folded A = w s^, Bc = bias s^ + b^."""
     scale, shift = scale.to(dtype), shift.to(dtype)
-    rs_s = torch.rsqrt(scale.square().mean(-1, keepdim=True) + eps)
-    rs_b = torch.rsqrt(shift.square().mean(-1, keepdim=True) + eps)
+    rs_s, rs_b = rs_of(scale, eps), rs_of(shift, eps)
     s_hat, b_hat = scale * rs_s, shift * rs_b
     w = 1.0 if weight is None else weight.to(dtype)
     bi = 0.0 if bias is None else bias.to(dtype)

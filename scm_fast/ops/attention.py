@@ -9,19 +9,37 @@ the saved lse. `attention_jvp` is the same pass for code that carries tangents e
 Supported: fp32, fp16, bf16 (fp32 accumulation and statistics; fp64 on the reference backend), head
 dims up to 256 (any, no padding by the caller), Lq != Lk, GQA/MQA (Hq a multiple of Hk), causal
 (SDPA's top-left alignment), attn_mask bool (True = attend) or additive, broadcastable to
-(B, Hq, Lq, Lk) and never materialised. A row with no valid key gives 0 output and 0 tangent.
-The mask is a constant: it takes no gradient and no tangent.
+(B, Hq, Lq, Lk) and never materialised. The mask is a constant: it takes no gradient and no tangent.
+causal is a bool; scale a finite float or None (1 / sqrt(D)).
+
+Rows that see no key (all masked, or Lk = 0) give 0 output, 0 tangent and 0 gradient for their q
+(SDPA gives NaN). A masked key is -inf in the scores whatever q k^T is, so the output and tangent of
+such a row are 0 even where its q, or a key the mask excludes, is NaN (gradients still carry such
+NaNs through products with 0, as PyTorch's do: a NaN q makes dk NaN). Empty batches or queries
+(B = 0, Lq = 0) give empty results; zero heads (Hq or Hk = 0) are refused (ValueError), as a GQA
+group size is undefined there.
+
+Precision: o, to and dv are as exact as attention_ref in the same dtype, also at extreme scales
+(tau ~ 1e9: the row max and the exponent use the same rounded logits; the tangent sums are shifted by
+ds at the row max, so they do not cancel). dq and dk come from FlashAttention-2's backward,
+ds = p (dO V^T - rowsum(dO * O)): their absolute error grows like tau eps |dO| |v| |k|, which shows
+where p is nearly one-hot and the exact gradient is ~0.
+
+First derivatives only (scm_fast.ops._transforms): double backward, jvp of grad (Hessian-vector
+products) and jvp of jvp raise a RuntimeError; attention_ref (plain PyTorch ops) differentiates to any
+order. Under torch.func.grad of torch.func.jvp the tangent is a constant (sCM's stop-gradient).
 
 `not_supported_reasons(q, k, v, ...)` lists why a call falls outside that (as xformers' ops do);
 the op's own argument checks raise its first entry, and scm_fast.interop.sdpa reads the same list
 to decide which SDPA calls the fused op runs.
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from scm_fast.ops import _registry
+from scm_fast.ops import _registry, _transforms
 from scm_fast.ops.attention_ref import (attention_bwd_reference, attention_fwd_reference,
                                         attention_fwd_jvp_reference, attention_ref)
 from scm_fast.precision import accumulation_dtype
@@ -76,7 +94,10 @@ def _qkv_reasons(q, k, v):
     if D != Dk:
         out.append(Unsupported("qk_head_dim", f"q and k head dims differ: q {tuple(q.shape)}, k {tuple(k.shape)}",
                                ValueError))
-    if Hk == 0 or H % Hk != 0:
+    if H == 0 or Hk == 0:
+        out.append(Unsupported("heads", f"q and k/v must have at least one head, got q {tuple(q.shape)}, "
+                                        f"k {tuple(k.shape)}", ValueError))
+    elif H % Hk != 0:
         out.append(Unsupported("gqa", f"q heads ({H}) must be a multiple of k/v heads ({Hk}) for GQA/MQA, "
                                       f"got q {tuple(q.shape)}, k {tuple(k.shape)}", ValueError))
     if not (1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM):
@@ -130,9 +151,17 @@ def _mask_reasons(attn_mask, q, k):
 def _scale_reasons(scale):
     if scale is None:
         return []
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale == scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         return [Unsupported("scale", f"scale must be a float or None, got {scale!r}", TypeError)]
+    if not math.isfinite(scale):
+        return [Unsupported("scale", f"scale must be a float or None, got {scale!r}: it must be finite", TypeError)]
     return []
+
+
+def _causal_reasons(causal):
+    if isinstance(causal, bool):
+        return []
+    return [Unsupported("causal", f"causal must be a bool, got {type(causal).__name__} {causal!r}", TypeError)]
 
 
 def _backend_reasons(q):
@@ -149,11 +178,11 @@ def _backend_reasons(q):
 def unsupported(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None):
     """Every reason `attention` (with `tangents`: `attention_jvp`) does not run this call, as
     Unsupported(key, message, error), in the order the op checks them; [] when it runs it.
-    `not_supported_reasons` is its text. `causal` is accepted for the signature: any value works."""
+    `not_supported_reasons` is its text."""
     out = _qkv_reasons(q, k, v)
     if tangents is not None:
         out += _tangent_reasons((q, k, v), tangents)
-    out += _mask_reasons(attn_mask, q, k) + _scale_reasons(scale)
+    out += _mask_reasons(attn_mask, q, k) + _scale_reasons(scale) + _causal_reasons(causal)
     return out + _backend_reasons(q)
 
 
@@ -169,9 +198,9 @@ def not_supported_reasons(q, k, v, attn_mask=None, causal=False, scale=None, *, 
     return [r.message for r in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents)]
 
 
-def _validate(q, k, v, attn_mask, scale, tangents=None):
+def _validate(q, k, v, attn_mask, causal, scale, tangents=None):
     """Raise the first argument problem (the dispatcher raises the backend's own refusals)."""
-    for reason in unsupported(q, k, v, attn_mask, scale=scale, tangents=tangents):
+    for reason in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents):
         if reason.error is not None:
             raise reason.error(reason.message)
 
@@ -239,34 +268,38 @@ _registry.define("attention_bwd", attention_bwd_reference, _triton_bwd, _fake_bw
 
 # ---- autograd --------------------------------------------------------------------------------
 def _backward(ctx, grad_out):
+    _transforms.check_backward(ctx.uses, grad_out)
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse,
-                                ctx.mask, ctx.causal, ctx.scale)
-    return dq, dk, dv
+    with torch.no_grad():  # first order only (_transforms.first_order)
+        grads = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse, ctx.mask, ctx.causal, ctx.scale)
+    return _transforms.first_order(ctx.uses, grads, (grad_out, q, k, v))
 
 
 class _Attention(torch.autograd.Function):
     """(o, lse) of (q, k, v). Used when no input carries a tangent; its jvp is still exact."""
 
     @staticmethod
-    def forward(q, k, v, mask, causal, scale):
+    def forward(q, k, v, mask, causal, scale, uses):
         return _registry.call("attention_fwd", q, k, v, mask, causal, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, causal, scale = inputs
+        q, k, v, mask, causal, scale, uses = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
+        # q, k, v not detached (they carry no tangent here): a gradient of the backward must reach their
+        # graph (_transforms.first_order)
+        ctx.save_for_backward(q, k, v, o.detach(), lse)
         ctx.save_for_forward(q, k, v)
-        ctx.mask, ctx.causal, ctx.scale = mask, causal, scale
+        ctx.mask, ctx.causal, ctx.scale, ctx.uses = mask, causal, scale, uses
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        return *_backward(ctx, grad_out), None, None, None
+        return *_backward(ctx, grad_out), None, None, None, None
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, *_):
+        _transforms.check_jvp(ctx.uses, (tq, tk, tv))
         q, k, v = ctx.saved_tensors
         _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.scale)
         return to, None
@@ -280,12 +313,12 @@ class _AttentionFused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, mask, causal, scale, tangents_of_inputs):
+    def forward(q, k, v, tq, tk, tv, mask, causal, scale, tangents_of_inputs, uses):
         return _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, mask, causal, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _, _, _, mask, causal, scale, tangents_of_inputs = inputs
+        q, k, v, _, _, _, mask, causal, scale, tangents_of_inputs, uses = inputs
         o, lse, to = output
         ctx.mark_non_differentiable(lse, to)
         ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
@@ -293,17 +326,18 @@ class _AttentionFused(torch.autograd.Function):
             ctx.save_for_forward(to)
         else:
             ctx.save_for_forward(q, k, v)
-        ctx.mask, ctx.causal, ctx.scale, ctx.fused = mask, causal, scale, tangents_of_inputs
+        ctx.mask, ctx.causal, ctx.scale, ctx.fused, ctx.uses = mask, causal, scale, tangents_of_inputs, uses
         ctx.set_materialize_grads(False)  # no zero tangents for tq, tk, tv (a full-size fill each)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_to):
         if grad_out is None:
-            return (None,) * 10
-        return *_backward(ctx, grad_out), None, None, None, None, None, None, None
+            return (None,) * 11
+        return *_backward(ctx, grad_out), *(None,) * 8
 
     @staticmethod
     def jvp(ctx, gq, gk, gv, *_):
+        _transforms.check_jvp(ctx.uses, (gq, gk, gv))
         if ctx.fused:
             (to,) = ctx.saved_tensors
         else:  # an outer forward AD over explicit-tangent code: the JVP along (gq, gk, gv)
@@ -329,15 +363,16 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     pass as the output (no second forward). Example:
         o, to = torch.func.jvp(lambda q, k, v: attention(q, k, v), (q, k, v), (tq, tk, tv))
     """
-    _validate(q, k, v, attn_mask, scale)
+    _validate(q, k, v, attn_mask, causal, scale)
+    _transforms.check_call("attention", (q, k, v))
     mask = _prepare_mask(attn_mask, q, k)
     scale = _scale_value(scale, q)
-    causal = bool(causal)
+    uses = _transforms.Uses("attention")
     if any(fwAD.unpack_dual(x).tangent is not None for x in (q, k, v)):
         tangents = [_tangent_or_zeros(x) for x in (q, k, v)]
-        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, causal, scale, True)
+        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, causal, scale, True, uses)
         return o
-    o, _ = _Attention.apply(q, k, v, mask, causal, scale)
+    o, _ = _Attention.apply(q, k, v, mask, causal, scale, uses)
     return o
 
 
@@ -347,8 +382,10 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=No
 
     o is differentiable w.r.t. q, k, v; to is returned without a graph (sCM's tangent is sg(.)).
     """
-    _validate(q, k, v, attn_mask, scale, tangents=(tq, tk, tv))
+    _validate(q, k, v, attn_mask, causal, scale, tangents=(tq, tk, tv))
+    _transforms.check_call("attention", (q, k, v, tq, tk, tv))
     mask = _prepare_mask(attn_mask, q, k)
     scale = _scale_value(scale, q)
-    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, bool(causal), scale, False)
+    uses = _transforms.Uses("attention")
+    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, causal, scale, False, uses)
     return o, to

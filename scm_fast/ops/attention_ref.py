@@ -5,7 +5,11 @@ autograd and forward AD differentiate by themselves (O(Lq x Lk) memory; use it i
 
 `attention_fwd_reference`, `attention_fwd_jvp_reference` and `attention_bwd_reference` compute what the
 fused kernels compute (scm-reference.md §7) with torch ops over key chunks and an online softmax, so
-memory stays O(Lq x chunk). They back the CPU op when no compiled kernel applies.
+memory stays O(Lq x chunk). They back the CPU op when no compiled kernel applies. Like the kernels,
+the tangent sums are shifted by ds at the running max (csrc/attention.cpp: exact `to` at large scales).
+
+A key the mask excludes is -inf in the scores whatever q k^T is (NaN or inf included), so a row that
+sees no key gives 0 output and 0 tangent even when its q (or a masked k) is NaN.
 Shapes: q (B, Hq, Lq, D); k (B, Hk, Lk, D); v (B, Hk, Lk, Dv); Hq = G Hk (GQA); mask None or
 expanded to (B, Hq, Lq, Lk), bool (True = attend) or additive.
 """
@@ -16,12 +20,14 @@ from scm_fast.precision import accumulation_dtype
 CHUNK = 512
 
 
-def _bias(mask, dtype):
+def _apply_mask(s, mask):
+    """s + the mask's bias, exactly -inf where the mask excludes a key (even where s is NaN)."""
     if mask is None:
-        return None
+        return s
     if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-    return mask.to(dtype)
+        return s.masked_fill(~mask, float("-inf"))
+    bias = mask.to(s.dtype)
+    return (s + bias).masked_fill(torch.isneginf(bias), float("-inf"))
 
 
 def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
@@ -30,9 +36,7 @@ def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    s = scale * (q @ k.transpose(-1, -2))
-    if attn_mask is not None:
-        s = s + _bias(attn_mask, s.dtype)
+    s = _apply_mask(scale * (q @ k.transpose(-1, -2)), attn_mask)
     if causal:
         lq, lk = s.shape[-2:]
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
@@ -53,9 +57,8 @@ def _grouped(q, k, v, mask):
 
 def _chunk_scores(q5, k5, m5, causal, scale, start, stop):
     """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf."""
-    s = scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2))
-    if m5 is not None:
-        s = s + _bias(m5[..., start:stop], s.dtype)
+    s = _apply_mask(scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2)),
+                    None if m5 is None else m5[..., start:stop])
     if causal:
         rows = torch.arange(q5.shape[-2], device=s.device)[:, None]
         cols = torch.arange(start, stop, device=s.device)[None, :]
@@ -73,23 +76,29 @@ def _online_pass(q5, k5, v5, m5, causal, scale, tangents=None):
     acc = torch.zeros(*shape, v5.shape[-1], dtype=acc_dtype, device=q5.device)
     if tangents is not None:
         tq5, tk5, tv5 = (t.to(acc_dtype) for t in tangents)
-        t_acc, r_i = torch.zeros_like(acc), torch.zeros_like(l_i)
+        t_acc, r_i, c_i = torch.zeros_like(acc), torch.zeros_like(l_i), torch.zeros_like(l_i)
     for start in range(0, k5.shape[-2], CHUNK):
         stop = min(start + CHUNK, k5.shape[-2])
         s = _chunk_scores(q5, k5, m5, causal, scale, start, stop)
-        m_new = torch.maximum(m_i, s.amax(-1))
+        chunk_max = s.amax(-1)
+        m_new = torch.maximum(m_i, chunk_max)
         m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
         p = torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m_i - m_safe)
         v_c = v5[..., start:stop, :]
-        l_i = l_i * alpha + p.sum(-1)
-        acc = acc * alpha[..., None] + p @ v_c
+        l_old, acc = l_i * alpha, acc * alpha[..., None]
+        l_i = l_old + p.sum(-1)
         if tangents is not None:
             k_c, tk_c, tv_c = k5[..., start:stop, :], tk5[..., start:stop, :], tv5[..., start:stop, :]
             ds = scale * (tq5 @ k_c.transpose(-1, -2) + q5 @ tk_c.transpose(-1, -2))
-            pds = (p * ds).masked_fill(p == 0, 0.0)
-            r_i = r_i * alpha + pds.sum(-1)
-            t_acc = t_acc * alpha[..., None] + p @ tv_c + pds @ v_c
+            at_max = ds.gather(-1, s.argmax(-1, keepdim=True)).squeeze(-1)
+            c_new = torch.where(chunk_max > m_i, at_max, c_i)  # ds at the running max (module docstring)
+            dc = c_new - c_i
+            pds = (p * (ds - c_new[..., None])).masked_fill(p == 0, 0.0)
+            r_i = r_i * alpha - dc * l_old + pds.sum(-1)
+            t_acc = t_acc * alpha[..., None] - dc[..., None] * acc + p @ tv_c + pds @ v_c
+            c_i = c_new
+        acc = acc + p @ v_c
         m_i = m_new
     l_safe = torch.where(l_i > 0, l_i, torch.ones_like(l_i))
     o = acc / l_safe[..., None]
@@ -100,8 +109,8 @@ def _online_pass(q5, k5, v5, m5, causal, scale, tangents=None):
 
 
 def _flat(x, like):
-    """(B, Hk, G, L, D) -> (B, Hq, L, D) in like's dtype."""
-    return x.reshape(like.shape[0], -1, *x.shape[-2:]).to(like.dtype)
+    """(B, Hk, G, L, D) -> (B, Hq, L, D) in like's dtype (sizes spelled out: B or L may be 0)."""
+    return x.reshape(like.shape[0], like.shape[1], *x.shape[-2:]).to(like.dtype)
 
 
 def _lse(lse, q):
