@@ -336,16 +336,19 @@ def _by_head_dim(small, medium, large):
 
 
 # Chosen from benchmarks/kernel_report.py (sm_80 and sm_90, fp16/bf16): the first of each list
-# spills nothing on sm_90, and on sm_80 at most 100 bytes, except forward+JVP with head dims > 64,
-# where every tile tried spills ~250-450 bytes on sm_80 (two fp32 accumulators of BLOCK_M x BLOCK_DV).
+# spills nothing on sm_90, and on sm_80 at most ~100 bytes, except forward+JVP with head dims > 64,
+# where every tile tried (BLOCK_M >= 64) spills on both targets (sm_80 >= 128 bytes, sm_90 >= 8; two
+# fp32 accumulators of BLOCK_M x BLOCK_DV plus the scores and their tangent; NOTES.md section 19).
+# Forward+JVP at head dim 64 and the dK/dV kernel at head dim 64 each ship spill-free configs
+# (0 bytes on both targets and dtypes; the dK/dV ones from (32, 64, 8, 1) on).
 CONFIGS = {
     "fwd": _by_head_dim([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
                         [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
                         [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]),
-    "fwd_jvp": _by_head_dim([(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+    "fwd_jvp": _by_head_dim([(128, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3)],
                             [(128, 32, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3)],
                             [(32, 32, 8, 2), (64, 32, 8, 2)]),
-    "bwd_dkdv": _by_head_dim([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "bwd_dkdv": _by_head_dim([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 1), (128, 32, 8, 1)],
                              [(32, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2)],
                              [(32, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 1)]),
     "bwd_dq": _by_head_dim([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
