@@ -18,6 +18,14 @@ backward's exp(s - lse) read the same rounded s, and lse needs no log2 <-> ln ro
 whatever q K^T is (NaN included), so a row with no valid key is 0 even for a NaN q.
 FLOPs per (query, key) pair: forward 2 D + 2 Dv; forward + JVP 6 D + 6 Dv (six tile products).
 
+Two passes above head-dim tile 64 (two_pass): the one pass holds acc and t_acc, two fp32 BLOCK_M x BLOCK_DV
+tiles, beside q, tq and the score tiles, more than 255 registers a thread at BLOCK_D = 128 for any tile
+of >= 64 rows (NOTES.md section 20). Pass 1 is the forward kernel, also storing the row max m and
+its key j (STORE_MAX). Pass 2 (_attn_jvp_kernel) recomputes s, takes p~ = exp(s - m) with m final,
+so nothing is rescaled and t_acc is its only tile accumulator, with c = ds at j computed from the rows
+K[j], tK[j]; l, r and t_acc as above, to = (t_acc - r o) / l with pass 1's o. FLOPs: pass 1 2 D + 2 Dv,
+pass 2 6 D + 4 Dv, in all 8 D + 6 Dv (the recomputed q K^T: +1/6 at D = Dv); one more exp per pair.
+
 Backward of the primal output (FlashAttention-2): delta = rowsum(do * o), p = exp(s - lse),
 dV = p^T dO, dp = dO V^T, ds = p (dp - delta), dQ = tau ds K, dK = tau ds^T Q.
 dK/dV run per key block (looping over the query heads that share the key head, so GQA needs no
@@ -70,7 +78,7 @@ def _valid_tile(m, n, Lq, Lk, IS_CAUSAL: tl.constexpr):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, TQ, TK, TV, Mask, O, TO, LSE,
+    Q, K, V, TQ, TK, TV, Mask, O, TO, LSE, RowMax, ArgMax,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_tqb, stride_tqh, stride_tqm,
     stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
@@ -80,8 +88,10 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     HAS_TANGENT: tl.constexpr, PDS_FP32: tl.constexpr, UPCAST: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STORE_MAX: tl.constexpr,
 ):
+    """One query block: o, lse and (HAS_TANGENT) to in one pass; STORE_MAX also writes the row max m
+    and its key j (pass 1 of the two-pass forward + JVP)."""
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)  # int64: B x H x L x D may exceed 2^31
@@ -103,6 +113,8 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if STORE_MAX:
+        j_i = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_TANGENT:
         tq_off = off_b * stride_tqb + off_h * stride_tqh + offs_m[:, None] * stride_tqm + offs_d[None, :]
         tq = tl.load(TQ + tq_off, mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -139,6 +151,8 @@ def _attn_fwd_kernel(
         l_old = l_i * alpha
         l_i = l_old + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if STORE_MAX:
+            j_i = tl.where(tile_max > m_i, start_n + tl.argmax(s, 1), j_i)
         if HAS_TANGENT:
             tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
             tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :],
@@ -171,10 +185,107 @@ def _attn_fwd_kernel(
     tl.store(O + o_off, o.to(O.dtype.element_ty), mask=o_mask)
     lse = tl.where(has_key, m_i + tl.log(l_safe), float("-inf"))
     tl.store(LSE + off_bh * Lq + offs_m, lse, mask=m_ok)
+    if STORE_MAX:
+        tl.store(RowMax + off_bh * Lq + offs_m, m_i, mask=m_ok)
+        tl.store(ArgMax + off_bh * Lq + offs_m, j_i, mask=m_ok)
     if HAS_TANGENT:
         to = (t_acc - r_i[:, None] * o) / l_safe[:, None]
         to_off = off_b * stride_tob + off_h * stride_toh + offs_m[:, None] * stride_tom + offs_dv[None, :]
         tl.store(TO + to_off, to.to(TO.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _attn_jvp_kernel(
+    Q, K, V, TQ, TK, TV, Mask, O, RowMax, ArgMax, TO,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_tqb, stride_tqh, stride_tqm,
+    stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om, stride_tob, stride_toh, stride_tom,
+    H, GROUP, Lq, Lk, D, DV, tau,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PDS_FP32: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Pass 2 of the two-pass forward + JVP (module docstring): one query block's to, from pass 1's
+    o, row max m and its key j. With m final nothing is rescaled, so only t_acc is a BLOCK_M x BLOCK_DV
+    accumulator (the one-pass kernel also holds acc)."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < Lq
+    qd_mask = m_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    tq = tl.load(TQ + off_b * stride_tqb + off_h * stride_tqh + offs_m[:, None] * stride_tqm + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        tq = tq.to(tl.float32)
+    K_base = K + off_b * stride_kb + off_hk * stride_kh
+    V_base = V + off_b * stride_vb + off_hk * stride_vh
+    TK_base = TK + off_b * stride_tkb + off_hk * stride_tkh
+    TV_base = TV + off_b * stride_tvb + off_hk * stride_tvh
+    Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+    m_i = tl.load(RowMax + off_bh * Lq + offs_m, mask=m_ok, other=float("-inf"))
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # a row without a valid key: every p = 0
+    # c = ds at the key j of the row max (the shift of the module docstring): first from the rows K[j],
+    # tK[j], then, from j's key block on, the loop's own rounding of it (module docstring)
+    j = tl.load(ArgMax + off_bh * Lq + offs_m, mask=m_ok, other=0)
+    k_j = tl.load(K_base + j[:, None] * stride_kn + offs_d[None, :], mask=qd_mask, other=0.0)
+    tk_j = tl.load(TK_base + j[:, None] * stride_tkn + offs_d[None, :], mask=qd_mask, other=0.0)
+    c_i = tl.sum(tq.to(tl.float32) * k_j.to(tl.float32) + q.to(tl.float32) * tk_j.to(tl.float32), 1) * tau
+
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    hi = Lk
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
+        v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+        kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kT_mask, other=0.0)
+        tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+        tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :], mask=v_mask, other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            tkT = tkT.to(tl.float32)
+            v = v.to(tl.float32)
+            tv = tv.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
+        mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+        p = tl.exp(s - m_safe[:, None])  # the same rounded s and m as pass 1
+        l_i += tl.sum(p, 1)
+        ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
+        ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
+        at_j = offs_n[None, :] == j[:, None]  # c becomes the dot's own ds at j in j's tile
+        c_i = tl.where((j >= start_n) & (j < start_n + BLOCK_N), tl.sum(tl.where(at_j, ds, 0.0), 1), c_i)
+        pds = tl.where(p != 0.0, p * (ds - c_i[:, None]), 0.0)  # p = 0 off the mask
+        r_i += tl.sum(pds, 1)
+        t_acc = tl.dot(p.to(tv.dtype), tv, t_acc, input_precision=INPUT_PRECISION)
+        if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
+            t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
+        else:
+            t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :],
+                mask=o_mask, other=0.0).to(tl.float32)
+    to = (t_acc / l_safe[:, None] - (r_i / l_safe)[:, None] * o)
+    to_off = off_b * stride_tob + off_h * stride_toh + offs_m[:, None] * stride_tom + offs_dv[None, :]
+    tl.store(TO + to_off, to.to(TO.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -335,32 +446,46 @@ def _by_head_dim(small, medium, large):
     return lambda block_d: small if block_d <= 64 else medium if block_d <= 128 else large
 
 
-# Chosen from benchmarks/kernel_report.py (sm_80 and sm_90, fp16/bf16): the first of each list
-# spills nothing on sm_90, and on sm_80 at most ~100 bytes, except forward+JVP with head dims > 64,
-# where every tile tried (BLOCK_M >= 64) spills on both targets (sm_80 >= 128 bytes, sm_90 >= 8; two
-# fp32 accumulators of BLOCK_M x BLOCK_DV plus the scores and their tangent; NOTES.md section 19).
-# Forward+JVP at head dim 64 and the dK/dV kernel at head dim 64 each ship spill-free configs
-# (0 bytes on both targets and dtypes; the dK/dV ones from (32, 64, 8, 1) on).
+# Chosen from benchmarks/kernel_report.py (heaviest variant: causal, fp32 additive mask; NOTES.md
+# section 20): every config listed compiles with 0 spill bytes and tensor-core instructions for
+# fp16 and bf16 on its target, except at head dim 256 (report: DOCUMENTED_SPILLS). A dict gives a list
+# per target, 80 for sm_8x and 90 for sm_90 and later (device_arch); where the two differ it is the
+# register file: sm_80's mma keeps both dot operands in registers, sm_90's wgmma reads them from
+# shared memory.
 CONFIGS = {
-    "fwd": _by_head_dim([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4)],
-                        [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
-                        [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)]),
-    "fwd_jvp": _by_head_dim([(128, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3)],
-                            [(128, 32, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3)],
-                            [(32, 32, 8, 2), (64, 32, 8, 2)]),
-    "bwd_dkdv": _by_head_dim([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 1), (128, 32, 8, 1)],
-                             [(32, 64, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2)],
-                             [(32, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 1)]),
-    "bwd_dq": _by_head_dim([(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
-                           [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)],
-                           [(64, 32, 8, 2), (32, 32, 4, 2), (64, 16, 4, 2)]),
+    "fwd": _by_head_dim([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+                        [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2)],
+                        [(64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3)]),
+    "fwd_jvp": _by_head_dim([(128, 64, 8, 2), (64, 32, 8, 3), (64, 64, 8, 3)], [], []),
+    "jvp": _by_head_dim([], {80: [(128, 16, 8, 2), (128, 16, 8, 3)],
+                             90: [(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 2)]},
+                        {80: [(32, 32, 8, 2), (32, 16, 4, 2)],  # spill: kernel_report.DOCUMENTED_SPILLS
+                         90: [(64, 16, 8, 2), (128, 16, 8, 2), (32, 32, 8, 2)]}),
+    "bwd_dkdv": _by_head_dim({80: [(128, 32, 8, 2), (64, 32, 8, 2), (16, 128, 8, 1), (64, 32, 8, 3)],
+                              90: [(64, 128, 8, 1), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2)]},
+                             {80: [(32, 64, 8, 2), (32, 64, 8, 1), (64, 32, 8, 2), (16, 64, 8, 2)],
+                              90: [(32, 128, 8, 1), (32, 64, 8, 2), (16, 128, 8, 2), (64, 64, 8, 1)]},
+                             [(32, 32, 8, 2), (64, 32, 8, 1)]),
+    "bwd_dq": _by_head_dim([(128, 64, 8, 3), (128, 32, 8, 2), (128, 64, 8, 1), (64, 64, 4, 3)],
+                           [(128, 32, 8, 2), (64, 64, 8, 2), (128, 16, 8, 2), (64, 32, 4, 2)],
+                           [(64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2)]),
 }
 
 
-def configs(kind, block_d, dtype):
-    """Tuning configs for `kind`. fp32 tiles take twice the bytes: halve BLOCK_N and the stages (and
-    BLOCK_M at head dims >= 128) so that they fit the shared memory of an A100 (163 KiB)."""
+def device_arch():
+    """80 (the sm_80 lists: Ampere, Ada) or 90 (sm_90 lists: Hopper and later) for the current GPU."""
+    if not torch.cuda.is_available():
+        return 90
+    return 80 if torch.cuda.get_device_capability()[0] < 9 else 90
+
+
+def configs(kind, block_d, dtype, arch=None):
+    """Tuning configs for `kind` on sm_`arch` (default: the current GPU's, device_arch()). fp32 tiles take
+    twice the bytes: halve BLOCK_N and the stages (and BLOCK_M at head dims >= 128) so that they fit
+    the shared memory of an A100 (163 KiB)."""
     listed = CONFIGS[kind](block_d)
+    if isinstance(listed, dict):
+        listed = listed[arch or device_arch()]
     if dtype != torch.float32:
         return listed
     return [(max(16, bm // 2) if block_d >= 128 else bm, max(16, bn // 2), warps, min(stages, 2))
@@ -420,6 +545,8 @@ def _mask_args(mask, q):
     """(pointer, 4 strides, is_bool) for a mask already expanded to (B, Hq, Lq, Lk)."""
     if mask is None:
         return q, (0, 0, 0, 0), False
+    if mask.stride(-1) != 1:  # unit stride over keys: contiguous mask loads (benchmarks/kernel_report.py)
+        mask = mask.contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
         return mask, mask.stride(), True
@@ -436,6 +563,12 @@ def _common(q, k, v, mask):
     return (B, H, Hk, Lq, Lk, D, DV), flags, key
 
 
+def two_pass(block_d):
+    """Forward + JVP in two passes (pass 1: o, lse, row max and its key; pass 2: to) at head-dim tiles
+    above 64, where the one-pass kernel's two BLOCK_M x BLOCK_DV fp32 accumulators spill (NOTES.md 20)."""
+    return block_d > 64
+
+
 def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
     """(o, lse) or, with tangents, (o, lse, to). Shapes: q (B, Hq, Lq, D), k (B, Hk, Lk, D),
     v (B, Hk, Lk, Dv), mask None or expanded to (B, Hq, Lq, Lk); lse is fp32 (B, Hq, Lq)."""
@@ -449,22 +582,34 @@ def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
         to = torch.empty_like(o)
     else:
         tq, tk, tv, to = q, k, v, o
+    split = has_t and two_pass(flags["BLOCK_D"])
+    row_max = torch.empty_like(lse) if split else lse
+    arg_max = torch.empty(lse.shape, dtype=torch.int32, device=q.device) if split else lse
     mask_t, mask_strides, mask_bool = _mask_args(mask, q)
-    kind = "fwd_jvp" if has_t else "fwd"
+    grid = lambda bm: (triton.cdiv(Lq, bm), B * H)  # noqa: E731
+    strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(tq), *_strides3(tk), *_strides3(tv),
+               *mask_strides)
+    common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, PDS_FP32=q.dtype == torch.float16, **flags)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        grid = (triton.cdiv(Lq, bm), B * H)
-        _attn_fwd_kernel[grid](
-            q, k, v, tq, tk, tv, mask_t, o, to, lse,
-            *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(tq), *_strides3(tk), *_strides3(tv),
-            *mask_strides, *_strides3(o), *_strides3(to),
-            H, H // Hk, Lq, Lk, D, DV, scale,
-            BLOCK_M=bm, BLOCK_N=bn, MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal,
-            HAS_TANGENT=has_t, PDS_FP32=q.dtype == torch.float16,
-            num_warps=warps, num_stages=stages, **flags)
+        _attn_fwd_kernel[grid(bm)](
+            q, k, v, tq, tk, tv, mask_t, o, to, lse, row_max, arg_max,
+            *strides, *_strides3(o), *_strides3(to), H, H // Hk, Lq, Lk, D, DV, scale,
+            BLOCK_M=bm, BLOCK_N=bn, HAS_TANGENT=has_t and not split, STORE_MAX=split,
+            num_warps=warps, num_stages=stages, **common)
 
-    _run_tuned(kind, key + (causal,), flags["BLOCK_D"], q.dtype, launch)
+    def launch_jvp(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_jvp_kernel[grid(bm)](
+            q, k, v, tq, tk, tv, mask_t, o, row_max, arg_max, to,
+            *strides, *_strides3(o), *_strides3(to), H, H // Hk, Lq, Lk, D, DV, scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+
+    kind = "fwd_jvp" if has_t and not split else "fwd"
+    _run_tuned(kind, key + (causal, split), flags["BLOCK_D"], q.dtype, launch)
+    if split:
+        _run_tuned("jvp", key + (causal,), flags["BLOCK_D"], q.dtype, launch_jvp)
     return (o, lse, to) if has_t else (o, lse)
 
 
