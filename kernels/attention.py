@@ -22,8 +22,10 @@ Two passes above head-dim tile 64 (two_pass): the one pass holds acc and t_acc, 
 tiles, beside q, tq and the score tiles, more than 255 registers a thread at BLOCK_D = 128 for any tile
 of >= 64 rows (NOTES.md section 20). Pass 1 is the forward kernel, also storing the row max m and
 its key j (STORE_MAX). Pass 2 (_attn_jvp_kernel) recomputes s, takes p~ = exp(s - m) with m final,
-so nothing is rescaled and t_acc is its only tile accumulator, with c = ds at j computed from the rows
-K[j], tK[j]; l, r and t_acc as above, to = (t_acc - r o) / l with pass 1's o. FLOPs: pass 1 2 D + 2 Dv,
+so nothing is rescaled and t_acc is its only tile accumulator. The shift c is ds at j: first computed
+from the rows K[j], tK[j], then, from j's key block on, the loop's own ds at j (so that ds - c is 0
+there exactly; the blocks before it carry weight only where p is not peaked, below their own rounding).
+l, r and t_acc as above, to = (t_acc - r o) / l with pass 1's o. FLOPs: pass 1 2 D + 2 Dv,
 pass 2 6 D + 4 Dv, in all 8 D + 6 Dv (the recomputed q K^T: +1/6 at D = Dv); one more exp per pair.
 
 Backward of the primal output (FlashAttention-2): delta = rowsum(do * o), p = exp(s - lse),
