@@ -32,7 +32,7 @@ HELP_WIDTH = 100  # docs/train-help.txt is the help at this width, whatever the 
 
 # A resume may change these freely (how long, how often, how it reports) ...
 RESUME_FREE = ("run_dir", "allow_change", "total_kimg", "sample_every_kimg", "ckpt_every_kimg", "log_every",
-               "progress", "tensorboard", "eval_n", "threads", "keep_ckpts", "device")
+               "progress", "tensorboard", "eval_n", "threads", "workers", "vae", "keep_ckpts", "device")
 # ... never these (the checkpoint's tensors would not fit, or the run would silently become another one) ...
 RESUME_NEVER = ("objective", "arch", "model", "patch", "img_size", "class_cond", "adaptive_weight", "ema",
                 "ema_sigma_rels", "ema_halflife_kimg", "ema_rampup", "optimizer", "parallel")
@@ -68,6 +68,12 @@ class TrainConfig:
                         "channel to std sigma_d)", metavar="PATH")
     img_size: int = _option(0, "image side in pixels: digits and image folders are resized to it, arrays and "
                             "latents must have it; 0 = the data's own size", ge=0)
+    vae: str = _option("", "a local diffusers AutoencoderKL / AutoencoderDC folder (save_pretrained): sample grids "
+                       "of latent data are decoded to images with it; empty: grids show the latent channels",
+                       metavar="PATH")
+    workers: int = _option(0, "data loader worker processes per rank, reading batches ahead of the step (with "
+                           "pinned memory on CUDA); 0 = read in the training process. The batches do not "
+                           "depend on it", ge=0)
     class_cond: bool = _option(True, "condition the network on the data's class labels when it has them; off: "
                                "unconditional")
     # model

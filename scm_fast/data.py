@@ -9,6 +9,7 @@ ds.num_classes, ds.get_batch(indices) -> (x, labels) and ds.describe() (one line
 seeded stream of epoch permutations into per-rank batches that resume exactly from a state_dict.
 """
 import math
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -21,7 +22,7 @@ from scm_fast import images as _images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CACHE_BYTES = 2 << 30  # ImageFolder keeps decoded uint8 images up to this many bytes in memory
-DATA_HINT = "expected 'digits', an image folder, a .npy/.npz file or latents:PATH"
+DATA_HINT = "expected 'digits', an image folder, a dataset folder (dataset.json), a .npy/.npz file or latents:PATH"
 
 
 # ----------------------------------------------------------------------------- common API
@@ -30,6 +31,11 @@ class _Dataset:
     """Shared part of the datasets: len, shape (C, H, W), num_classes, describe, index checks."""
 
     kind = "dataset"
+    cond_keys = ()  # names of the per-sample conditioning tensors of get_extra (shards.ShardedData)
+
+    def get_extra(self, indices):
+        """{key: tensor (b, ...)} of the per-sample conditioning (none here)."""
+        return {}
 
     def __len__(self):
         """Number of images N."""
@@ -135,11 +141,71 @@ def digits(img_size=8):
 _NUMPY_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError)
 
 
+class NpyRows:
+    """The samples (rows along axis 0) of a C-order .npy file, read on demand with os.pread: nothing
+    of the file is mapped into or cached by the process, so its memory does not grow with what it has
+    read, whatever the file's size (the OS page cache keeps hot data, shared by every rank and loader
+    worker). Indexing: rows[int array] (any order) and rows[i:j] -> in-memory arrays."""
+
+    def __init__(self, path, shape, dtype, offset):
+        self.path, self.shape, self.dtype, self.offset = str(path), tuple(shape), np.dtype(dtype), int(offset)
+        self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._fd, self._pid = None, None
+
+    @classmethod
+    def open(cls, path):
+        """The rows of `path`, or None when it is Fortran-ordered or holds objects (then np.load it);
+        ValueError naming the file when it is shorter than its header says."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+        if fortran or dtype.hasobject or len(shape) == 0:
+            return None
+        rows = cls(path, shape, dtype, offset)
+        size = Path(path).stat().st_size
+        if offset + rows.size * dtype.itemsize > size:
+            raise ValueError(f"{path}: truncated: its header declares {shape} {dtype} "
+                             f"({offset + rows.size * dtype.itemsize} bytes), the file has {size}")
+        return rows
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _read(self, start, count):
+        if self._pid != os.getpid():  # one descriptor per process (a forked worker opens its own)
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, count * self.row_bytes, self.offset + start * self.row_bytes)
+        return np.frombuffer(data, self.dtype).reshape((count, *self.shape[1:]))
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("NpyRows: slices must have step 1")
+            return self._read(start, max(0, stop - start))
+        idx = np.asarray(key, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), *self.shape[1:]), self.dtype)
+        for k, i in enumerate(idx):
+            out[k] = self._read(int(i), 1)[0]
+        return out
+
+    def __getstate__(self):  # picklable (spawned workers): without the descriptor
+        return dict(self.__dict__, _fd=None, _pid=None)
+
+
 def _read_numpy(path):
-    """np.load without pickles -> (array, {}) for a .npy, (None, {key: array}) for a .npz; a file
-    that cannot be read raises ValueError naming it."""
+    """-> (rows, {}) for a .npy (NpyRows: read sample by sample, never whole; a Fortran-ordered one is
+    memory-mapped), or (None, {key: array}) for a .npz (in memory: zip members cannot be read in
+    place), without pickles; a file that cannot be read raises ValueError naming it."""
     try:
-        obj = np.load(path, allow_pickle=False)
+        if Path(path).suffix.lower() != ".npz" and not zipfile.is_zipfile(path):
+            rows = NpyRows.open(path)
+            if rows is not None:
+                return rows, {}
+        obj = np.load(path, mmap_mode="r", allow_pickle=False)
         if isinstance(obj, np.ndarray):
             return obj, {}
         with obj as z:
@@ -197,65 +263,96 @@ def _layout_of(shape, path, layout=None):
     return "NHWC" if nhwc and not nchw else "NCHW"
 
 
-def _to_nchw(a, path, layout=None):
-    """uint8/float array (N, H, W), (N, C, H, W) or (N, H, W, C) -> (N, C, H, W) (see _layout_of).
-
-    NHWC arrays follow the image-file convention: C = 2 is gray + alpha and C = 4 is RGBA, and their
-    alpha channel is dropped as for image files (ImageFolder), giving 1 or 3 channels. NCHW arrays
-    keep every channel.
-    """
-    if a.ndim == 3:
-        a = a[:, None]
-    if a.ndim != 4:
-        raise ValueError(f"{path}: images must be (N, C, H, W) or (N, H, W, C), got shape {a.shape}")
-    if _layout_of(a.shape, path, layout) == "NHWC":
-        if a.shape[-1] in (2, 4):
-            a = a[..., :a.shape[-1] - 1]  # drop alpha
-        a = a.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(a)
+CHUNK = 1024  # samples per read of the one-pass checks and statistics over (memory-mapped) arrays
 
 
-def _check_finite(a, path, what):
-    """ValueError naming the file, the count and the first sample when a float array (N, ...) holds NaN / Inf."""
+def _chunks(a):
+    """(first sample, in-memory chunk of `a`) over the samples of a (memory-mapped) array (N, ...)."""
+    for i in range(0, len(a), CHUNK):
+        yield i, np.asarray(a[i:i + CHUNK])
+
+
+def _check_finite(a, path, what, first_sample=0, total=None):
+    """ValueError naming the file, the count and the first sample when a float array (N, ...) holds NaN /
+    Inf; `a` may be a chunk whose first sample is `first_sample` of `total`."""
     finite = np.isfinite(a)
     if finite.all():
         return
     bad = finite.size - int(np.count_nonzero(finite))
-    first = int(np.argmin(finite.reshape(len(a), -1).all(axis=1)))
+    first = first_sample + int(np.argmin(finite.reshape(len(a), -1).all(axis=1)))
     raise ValueError(f"{path}: {bad} non-finite values (NaN/Inf) in the {what}, the first in sample {first} "
-                     f"(of {len(a)}); every batch holding one would be a skipped step: drop or repair those samples")
+                     f"(of {total or len(a)}); every batch holding one would be a skipped step: drop or repair "
+                     f"those samples")
 
 
-def _pixels_to_float(a, path):
-    """uint8 -> x / 127.5 - 1; float arrays are taken as [-1, 1] (|x| <= 1.5 is checked)."""
+def _check_pixels(a, path):
+    """uint8, or float in [-1, 1] and finite (checked chunk by chunk); ValueError naming the file otherwise."""
     if a.dtype == np.uint8:
-        return torch.from_numpy(a).to(torch.float32) / 127.5 - 1.0
+        return
     if not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"{path}: images must be uint8 in [0, 255] or float in [-1, 1], got dtype {a.dtype}")
-    _check_finite(a, path, "images")
-    peak = float(np.abs(a).max()) if a.size else 0.0
-    if not math.isfinite(peak) or peak > 1.5:
-        raise ValueError(f"{path}: float images must be in [-1, 1], got absolute max {peak:g} "
-                         f"(store uint8 in [0, 255] for pixel values)")
-    return torch.from_numpy(a).to(torch.float32)
+    for first, chunk in _chunks(a):
+        _check_finite(chunk, path, "images", first, len(a))
+        peak = float(np.abs(chunk).max()) if chunk.size else 0.0
+        if peak > 1.5:
+            raise ValueError(f"{path}: float images must be in [-1, 1], got absolute max {peak:g} "
+                             f"(store uint8 in [0, 255] for pixel values)")
+
+
+class NumpyImages(_Dataset):
+    """Images of a NumPy array (N, H, W), (N, C, H, W) or (N, H, W, C), converted batch by batch: a .npy
+    is memory-mapped, so a process holds only the samples of its batches (the page cache, shared by
+    every rank and loader worker, holds what was read) and N may exceed the memory.
+
+    uint8 in [0, 255] -> x / 127.5 - 1; float images are taken as [-1, 1] (|x| <= 1.5, finite: one pass
+    over the file at start). The layout: _layout_of. NHWC arrays follow the image-file convention:
+    C = 2 is gray + alpha and C = 4 is RGBA, and their alpha channel is dropped as for image files
+    (ImageFolder), giving 1 or 3 channels; NCHW arrays keep every channel.
+    """
+
+    def __init__(self, array, path, labels=None, layout=None):
+        """array: an ndarray or NpyRows (N, H, W), (N, C, H, W) or (N, H, W, C); labels integer (N,) or None."""
+        if array.ndim not in (3, 4):
+            raise ValueError(f"{path}: images must be (N, C, H, W) or (N, H, W, C), got shape {array.shape}")
+        if array.shape[0] < 1 or array.size == 0:
+            raise ValueError(f"{path}: holds no images (shape {array.shape})")
+        self._gray = array.ndim == 3  # (N, H, W): one channel
+        shape4 = (array.shape[0], 1, *array.shape[1:]) if self._gray else tuple(array.shape)
+        self._nhwc = _layout_of(shape4, path, layout) == "NHWC"
+        _check_pixels(array, path)
+        channels = shape4[3] if self._nhwc else shape4[1]
+        self._keep = channels - 1 if self._nhwc and channels in (2, 4) else channels  # drop alpha
+        self._array, self._path = array, path
+        self._shape = (self._keep, shape4[1], shape4[2]) if self._nhwc else shape4[1:]
+        self._n, self.kind = shape4[0], f"arrays({Path(path).name})"
+        self.labels, self._num_classes = _check_labels(labels, self._n, None, str(path))
+
+    def get_batch(self, indices):
+        """indices LongTensor (b,) -> (x float32 (b, C, H, W), labels int64 (b,) or None); reads only those samples."""
+        idx = self._check_indices(indices)
+        rows = self._array[idx.numpy()]
+        if self._gray:
+            rows = rows[:, None]
+        if self._nhwc:
+            rows = rows[..., :self._keep].transpose(0, 3, 1, 2)
+        x = torch.from_numpy(np.ascontiguousarray(rows))
+        x = x.to(torch.float32) / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        return x, (None if self.labels is None else self.labels[idx])
 
 
 def load_arrays(path):
-    """Images from .npy (images only) or .npz ('images' / 'x' / 'arr_0', labels 'labels' / 'y', and
-    optionally 'layout': 'NCHW' or 'NHWC' for shapes that read both ways).
-
-    Returns ArrayData with float32 (N, C, H, W) in [-1, 1]; num_classes = max label + 1. The layout
-    and the alpha channel of NHWC arrays: _layout_of, _to_nchw. Float images with NaN / Inf, and files
-    that cannot be read, raise ValueError naming the file.
+    """Images from .npy (images only, memory-mapped) or .npz ('images' / 'x' / 'arr_0', labels 'labels' /
+    'y', and optionally 'layout': 'NCHW' or 'NHWC' for shapes that read both ways) -> NumpyImages:
+    batches of float32 (b, C, H, W) in [-1, 1]; num_classes = max label + 1. Float images with NaN /
+    Inf, and files that cannot be read, raise ValueError naming the file.
     """
     a, files = _load_file(path, ("images", "x", "arr_0"), "images")
-    if a.size == 0:
-        raise ValueError(f"{path}: holds no images (shape {a.shape})")
-    x = _pixels_to_float(_to_nchw(a, path, files.get("layout")), path)
     labels = _labels_from(files)
     if labels is not None and labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]  # (N, 1) -> (N,)
-    return ArrayData(x, labels, kind=f"arrays({Path(path).name})")
+    if a.size == 0:
+        raise ValueError(f"{path}: holds no images (shape {a.shape})")
+    return NumpyImages(a, path, labels, files.get("layout"))
 
 
 # ----------------------------------------------------------------------------- latents
@@ -270,15 +367,47 @@ def _channel_stat(value, c, name, path):
     return t
 
 
-class LatentData(ArrayData):
+class ChannelStats:
+    """Per-channel mean and std (population, over N, H, W) of arrays (b, C, H, W) added batch by batch,
+    in float64 (Chan et al.'s pairwise update of count, mean and M2)."""
+
+    def __init__(self, channels):
+        self.count, self.mean, self.m2 = 0, np.zeros(channels), np.zeros(channels)
+
+    def add(self, a):
+        c = np.asarray(a, dtype=np.float64).transpose(1, 0, 2, 3).reshape(len(self.mean), -1)
+        k, mu = c.shape[1], c.mean(axis=1)
+        delta = mu - self.mean
+        self.m2 += ((c - mu[:, None]) ** 2).sum(axis=1) + delta ** 2 * self.count * k / (self.count + k)
+        self.mean += delta * k / (self.count + k)
+        self.count += k
+
+    @property
+    def std(self):
+        return np.sqrt(self.m2 / self.count)
+
+
+def _latent_stats(a, path):
+    """(mean, std) per channel of latents (N, C, H, W), one chunk at a time, checking them finite."""
+    stats = ChannelStats(a.shape[1])
+    for first, chunk in _chunks(a):
+        _check_finite(chunk, path, "latents", first, len(a))
+        stats.add(chunk)
+    return stats.mean, stats.std
+
+
+class LatentData(_Dataset):
     """Precomputed latents (N, C, H, W), normalized per channel as in EDM2 / sCM:
 
         x = (latent - mean_c) / std_c * sigma_d
 
     mean/std come from the arguments, else the npz keys 'mean' / 'std', else the data (over N, H, W).
     Latents live under 'latents', 'x' or 'arr_0' (or are the .npy); labels under 'labels' / 'y'.
+    A .npy is memory-mapped and each batch is normalized when it is read (in float64, then float32),
+    so a process holds only its batches, whatever N; an .npz stays in its own dtype in memory.
     `denormalize(x)` maps model outputs back to latent space; ds.mean, ds.std are float32 (C,).
-    Latents with NaN / Inf, and non-finite statistics, raise ValueError naming the file.
+    Latents with NaN / Inf, and non-finite statistics, raise ValueError naming the file (one pass over
+    the file at start).
     """
 
     def __init__(self, path, mean=None, std=None, sigma_d=0.5):
@@ -287,24 +416,33 @@ class LatentData(ArrayData):
         if a.ndim != 4 or not np.issubdtype(a.dtype, np.floating) or a.shape[0] < 1:
             raise ValueError(f"LatentData({path}): latents must be float (N, C, H, W) with N >= 1, "
                              f"got {a.dtype} of shape {a.shape}")
-        _check_finite(a, path, "latents")
-        lat = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float64)
-        c = lat.shape[1]
-        m = _channel_stat(files.get("mean", lat.mean(dim=(0, 2, 3))) if mean is None else mean, c, "mean", path)
-        s = _channel_stat(files.get("std", lat.std(dim=(0, 2, 3), correction=0)) if std is None else std,
-                          c, "std", path)
+        c = a.shape[1]
+        data_mean, data_std = _latent_stats(a, path)
+        m = _channel_stat(files.get("mean", data_mean) if mean is None else mean, c, "mean", path)
+        s = _channel_stat(files.get("std", data_std) if std is None else std, c, "std", path)
         for name, t in (("mean", m), ("std", s)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"LatentData({path}): {name} must be finite in every channel, got {t.tolist()}")
         if not bool((s > 0).all()):
             raise ValueError(f"LatentData({path}): std must be > 0 in every channel, got {s.tolist()}")
         self.sigma_d = float(sigma_d)
+        self._m64, self._s64 = m.view(1, c, 1, 1), s.view(1, c, 1, 1)
         self.mean, self.std = m.to(torch.float32), s.to(torch.float32)
-        x = (lat - m.view(1, c, 1, 1)) / s.view(1, c, 1, 1) * self.sigma_d
-        if not bool(torch.isfinite(x).all()):
+        peak = np.max([np.abs(chunk.astype(np.float64) - self._m64.numpy()).max(axis=(0, 2, 3))
+                       for _, chunk in _chunks(a)], axis=0)  # (C,)
+        if not bool(torch.isfinite((torch.from_numpy(peak) / s * self.sigma_d).to(torch.float32)).all()):
             raise ValueError(f"LatentData({path}): the normalised latents overflow (std {s.tolist()} is too "
                              f"small for their range)")
-        super().__init__(x, _labels_from(files), kind=f"latents({Path(path).name})")
+        self._latents, self._n, self._shape = a, a.shape[0], tuple(a.shape[1:])
+        self.labels, self._num_classes = _check_labels(_labels_from(files), self._n, None, f"LatentData({path})")
+        self.kind = f"latents({Path(path).name})"
+
+    def get_batch(self, indices):
+        """indices LongTensor (b,) -> (x float32 (b, C, H, W) normalized, labels int64 (b,) or None)."""
+        idx = self._check_indices(indices)
+        lat = torch.from_numpy(np.ascontiguousarray(self._latents[idx.numpy()])).to(torch.float64)
+        x = ((lat - self._m64) / self._s64 * self.sigma_d).to(torch.float32)
+        return x, (None if self.labels is None else self.labels[idx])
 
     def denormalize(self, x):
         """Normalized x (..., C, H, W) -> latents: x / sigma_d * std_c + mean_c."""
@@ -479,6 +617,10 @@ def build_dataset(spec, img_size=None, sigma_d=0.5):
     if is_latent:
         return _check_square(_check_img_size(LatentData(path, sigma_d=sigma_d), img_size, path), path,
                              "crop the latents offline")
+    if path.is_dir() and (path / "dataset.json").is_file():
+        from scm_fast.shards import ShardedData  # noqa: PLC0415 - shards builds on this module
+        return _check_square(_check_img_size(ShardedData(path, sigma_d=sigma_d), img_size, path), path,
+                             "crop them when writing the shards")
     if path.is_dir():
         ds = _check_square(ImageFolder(path, img_size=img_size, preload=False), path,
                            "pass --img-size N to center-crop and resize them to N x N")
@@ -534,7 +676,10 @@ class ShardedSampler:
         """This epoch's permutation of range(n), generated once per epoch."""
         if self._perm is None:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + self._epoch) % (1 << 64))
-            self._perm = torch.randperm(self.n, generator=g)
+            # int32 below 2^31 samples: 4 bytes a sample, the only per-rank memory that grows with n (the
+            # same permutation as int64)
+            dtype = torch.int32 if self.n < 2 ** 31 else torch.int64
+            self._perm = torch.randperm(self.n, generator=g, dtype=dtype)
         return self._perm
 
     def _take(self, count):
@@ -546,7 +691,7 @@ class ShardedSampler:
             self._pos, count = self._pos + k, count - k
             if self._pos == self.n:
                 self._epoch, self._pos, self._perm = self._epoch + 1, 0, None
-        return torch.cat(pieces)
+        return torch.cat(pieces).to(torch.int64)
 
     def next(self):
         """The next step's indices for this rank: LongTensor (local_batch,)."""
@@ -580,3 +725,63 @@ class ShardedSampler:
         self.seed, self._epoch, self._pos, self._perm = int(state["seed"]), epoch, pos, None
         if pos == self.n:
             self._epoch, self._pos = epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- loader
+
+class _Fetch(torch.utils.data.Dataset):
+    """A dataset keyed by index batches: fetch[idx] = (idx, *dataset.get_batch(idx)) (in a loader worker)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, idx):
+        return (idx, *self.dataset.get_batch(idx), self.dataset.get_extra(idx))
+
+
+class BatchLoader:
+    """The batches of `sampler` from `dataset`, read by `workers` processes ahead of the training step.
+
+    `sampler` (a ShardedSampler) stays the authority on the position: next() advances it by one batch,
+    whatever the workers have read ahead, so its state_dict is what the step consumed and a resume
+    restarts the workers from it (bit-exact: the indices, hence the batches, do not depend on the
+    number of workers). workers = 0 reads in the calling process. Workers are forked on the first
+    next() and keep `prefetch` batches each in flight; pin_memory pins the batches (CUDA) so that
+    .to(device, non_blocking=True) overlaps the copy with compute.
+    """
+
+    def __init__(self, dataset, sampler, workers=0, pin_memory=False, prefetch=2):
+        if int(workers) < 0:
+            raise ValueError(f"BatchLoader: workers must be >= 0, got {workers}")
+        self.dataset, self.sampler, self.workers = dataset, sampler, int(workers)
+        self.pin_memory, self.prefetch, self._it = bool(pin_memory), int(prefetch), None
+
+    def next(self):
+        """(x float32 (b, C, H, W), labels int64 (b,) or None, {key: conditioning tensor (b, ...)}) of the
+        sampler's next batch."""
+        idx = self.sampler.next()
+        if self.workers == 0:
+            batch = (*self.dataset.get_batch(idx), self.dataset.get_extra(idx))
+            return torch.utils.data._utils.pin_memory.pin_memory(batch) if self.pin_memory else batch
+        if self._it is None:
+            self._it = self._start()
+        got, x, labels, extra = next(self._it)
+        if not torch.equal(got, idx):  # the read-ahead stream left the sampler's: a bug, never silent
+            raise RuntimeError(f"BatchLoader: the workers read batch {got[:4].tolist()}... where the sampler "
+                               f"is at {idx[:4].tolist()}...")
+        return x, labels, extra
+
+    def _start(self):
+        """Workers reading from the batch the sampler has just handed out (so it is one batch ahead)."""
+        s = self.sampler
+        seen = s.images_seen - s.global_batch
+        ahead = ShardedSampler(s.n, s.global_batch, s.rank, s.world_size, s.seed)
+        ahead.load_state_dict(dict(s.state_dict(), epoch=seen // s.n, pos=seen % s.n))
+        loader = torch.utils.data.DataLoader(_Fetch(self.dataset), sampler=ahead, batch_size=None,
+                                             num_workers=self.workers, pin_memory=self.pin_memory,
+                                             prefetch_factor=self.prefetch)
+        return iter(loader)
+
+    def close(self):
+        """Stop the workers (they also stop with the process)."""
+        self._it = None

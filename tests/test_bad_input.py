@@ -5,6 +5,7 @@ and data that cannot be used is refused before the run directory is created."""
 import numpy as np
 import pytest
 
+from test_data import _corrupt_idat
 from scm_fast import images
 from test_train import KIMG_PER_STEP, _tail, kimg, run, train
 
@@ -33,7 +34,7 @@ def test_any_channel_count_trains_and_writes_grids(tmp_path, kind):
     p = train(d, "--data", spec, *kimg(2), "--sample-every-kimg", f"{KIMG_PER_STEP:g}", "--sigma-d", "0.5")
     names = sorted(q.name for q in (d / "samples").iterdir())
     assert names == ["000000k-1step.png", "000000k-2step.png", "final-1step.png", "final-2step.png"], _tail(p)
-    grid = images.read_png(d / "samples" / "final-1step.png")
+    grid = images.read_image(d / "samples" / "final-1step.png", keep_alpha=True)
     # --n-grid 4 cells 2 px apart, each the C channels as 8 px grayscale tiles; upscaled 4x (32 px)
     assert grid.shape == (4 * (rows * (8 + 2) + 2), 4 * (nrow * (c * 8 + 2) + 2), 1)
     assert len(np.unique(grid)) > 10  # normalised per channel: not a blank or saturated image
@@ -64,10 +65,7 @@ def _bad_data(tmp_path, case):
     if case == "corrupt-png":
         for i in range(8):
             images.write_png(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-        path = tmp_path / "imgs" / "3.png"
-        chunks = images._read_chunks(path, path.read_bytes())  # valid header and CRCs, garbage pixel data
-        path.write_bytes(images.PNG_SIGNATURE + b"".join(
-            images._chunk(k, p[:6] + b"\x00garbage" * 3 if k == b"IDAT" else p) for k, p in chunks))
+        _corrupt_idat(tmp_path / "imgs" / "3.png")  # valid header and CRCs, garbage pixel data
         return str(tmp_path / "imgs"), "3.png", "--data"
     if case == "ambiguous-layout":
         np.save(tmp_path / "cube.npy", rng.integers(0, 256, (32, 4, 4, 4), dtype=np.uint8))

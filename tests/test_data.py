@@ -8,20 +8,14 @@ import torch
 
 from scm_fast import images
 from scm_fast.data import ArrayData, ImageFolder, LatentData, ShardedSampler, build_dataset, digits, load_arrays
-from scm_fast.images import make_grid, read_image, read_png, save_grid, to_uint8, write_png
+from scm_fast.images import make_grid, read_image, save_grid, to_uint8, write_png
 
 
 def _rand_u8(shape, seed=0):
     return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
 
 
-@pytest.fixture
-def no_pillow(monkeypatch):
-    """Force the built-in decoder even where Pillow happens to be installed."""
-    monkeypatch.setattr(images, "_import_pillow", lambda: None)
-
-
-# ----------------------------------------------------------------------------- hand-built PNGs
+# ----------------------------------------------------------------------------- hand-built PNGs (decoded by Pillow)
 
 def _chunk(kind, payload):
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
@@ -59,14 +53,14 @@ def _png_bytes(img, ctype, filters, depth=8, interlace=0, extra=()):
             + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b""))
 
 
-# ----------------------------------------------------------------------------- PNG codec
+# ----------------------------------------------------------------------------- PNG files
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (5, 7, 1), (1, 1, 3), (7, 5, 3), (5, 7, 4), (3, 2, 2)])
 def test_png_round_trip(tmp_path, shape):
     a = _rand_u8(shape, seed=sum(shape))
     path = tmp_path / "new" / "dir" / "img.png"
     write_png(path, a)
-    back = read_png(path)
+    back = read_image(path, keep_alpha=True)
     assert back.dtype == np.uint8 and back.shape == (shape if len(shape) == 3 else shape + (1,))
     np.testing.assert_array_equal(back.reshape(a.shape), a)
     assert sorted(p.name for p in path.parent.iterdir()) == ["img.png"]  # no temp file left behind
@@ -78,7 +72,7 @@ def test_png_filter_types(tmp_path, filters, ctype, bpp):
     img = _rand_u8((6, 5, bpp), seed=len(filters) + bpp)
     path = tmp_path / "f.png"
     path.write_bytes(_png_bytes(img, ctype, filters))
-    np.testing.assert_array_equal(read_png(path), img)
+    np.testing.assert_array_equal(read_image(path, keep_alpha=True), img)
 
 
 def test_png_paeth_and_average_ties(tmp_path):
@@ -89,7 +83,7 @@ def test_png_paeth_and_average_ties(tmp_path):
     for ftype in (3, 4):
         path = tmp_path / f"t{ftype}.png"
         path.write_bytes(_png_bytes(img, 0, [ftype]))
-        np.testing.assert_array_equal(read_png(path), img)
+        np.testing.assert_array_equal(read_image(path, keep_alpha=True), img)
 
 
 def test_png_palette(tmp_path):
@@ -97,21 +91,21 @@ def test_png_palette(tmp_path):
     idx = np.array([[0, 1, 2], [3, 2, 1]], np.uint8)[:, :, None]
     path = tmp_path / "p.png"
     path.write_bytes(_png_bytes(idx, 3, [4, 1], extra=[(b"PLTE", pal.tobytes())]))
-    np.testing.assert_array_equal(read_png(path), pal[idx[:, :, 0]])
+    np.testing.assert_array_equal(read_image(path), pal[idx[:, :, 0]])
     path.write_bytes(_png_bytes(idx, 3, [2], extra=[(b"PLTE", pal.tobytes()), (b"tRNS", bytes([0, 128]))]))
-    rgba = read_png(path)
+    rgba = read_image(path, keep_alpha=True)
     assert rgba.shape == (2, 3, 4)
     np.testing.assert_array_equal(rgba[:, :, :3], pal[idx[:, :, 0]])
     np.testing.assert_array_equal(rgba[:, :, 3], np.array([[0, 128, 255], [255, 255, 128]]))
 
 
-@pytest.mark.parametrize("kwargs,what", [({"depth": 16}, "16-bit"), ({"depth": 4}, "4-bit"),
-                                         ({"interlace": 1}, "interlaced")])
-def test_png_unsupported_names_file_and_pillow(tmp_path, kwargs, what):
-    path = tmp_path / "odd.png"
-    path.write_bytes(_png_bytes(_rand_u8((2, 2, 1)), 0, [0], **kwargs))
-    with pytest.raises(ValueError, match=rf"odd\.png: {what} PNGs .*pip install pillow.*scm_fast\[images\]"):
-        read_png(path)
+def test_png_16_bit_gray_decodes_to_its_high_byte(tmp_path):
+    """A variant the old built-in decoder refused: Pillow reads it, and read_image keeps the high byte
+    (Pillow's own convert("L") would clip every value above 255)."""
+    from PIL import Image
+    img = _rand_u8((4, 5), seed=5).astype(np.uint16) * 257  # 16-bit samples whose high byte is the image
+    Image.fromarray(img).save(tmp_path / "p.png")  # mode I;16
+    np.testing.assert_array_equal(read_image(tmp_path / "p.png")[:, :, 0], (img >> 8).astype(np.uint8))
 
 
 def test_png_corrupt_and_bad_input(tmp_path):
@@ -119,11 +113,11 @@ def test_png_corrupt_and_bad_input(tmp_path):
     good = bytearray(_png_bytes(_rand_u8((2, 2, 3)), 2, [0]))
     good[-20] ^= 0xFF  # inside the IDAT payload: its CRC no longer matches
     path.write_bytes(bytes(good))
-    with pytest.raises(ValueError, match="bad.png: corrupt PNG .*CRC"):
-        read_png(path)
+    with pytest.raises(ValueError, match="bad.png: cannot decode the image"):
+        read_image(path)
     path.write_bytes(b"GIF89a....")
-    with pytest.raises(ValueError, match="not a PNG"):
-        read_png(path)
+    with pytest.raises(ValueError, match="bad.png: cannot decode the image"):
+        read_image(path)
     with pytest.raises(TypeError, match="array must be uint8, got dtype float32"):
         write_png(tmp_path / "x.png", np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError, match=r"got shape \(2, 2, 5\)"):
@@ -153,7 +147,7 @@ def test_make_grid_shape_and_padding():
         make_grid(torch.zeros(2, 2, 4, 4))
 
 
-def test_save_grid_read_image(tmp_path, no_pillow):
+def test_save_grid_read_image(tmp_path):
     x = torch.rand(3, 3, 5, 5) * 2 - 1
     assert save_grid(tmp_path / "g" / "grid.png", x, nrow=3, min_size=1) == 1
     np.testing.assert_array_equal(read_image(tmp_path / "g" / "grid.png"), make_grid(x, nrow=3))
@@ -167,9 +161,12 @@ def test_save_grid_read_image(tmp_path, no_pillow):
     assert read_image(tmp_path / "rgba.png").shape == (3, 4, 3)  # alpha dropped
     write_png(tmp_path / "ga.png", _rand_u8((3, 4, 2)))
     assert read_image(tmp_path / "ga.png").shape == (3, 4, 1)
-    (tmp_path / "photo.JPG").write_bytes(b"\xff\xd8\xff")
-    with pytest.raises(ImportError, match=r"photo\.JPG.*pip install pillow"):
-        read_image(tmp_path / "photo.JPG")
+    from PIL import Image
+    Image.fromarray(_rand_u8((6, 5, 3))).save(tmp_path / "photo.JPG", quality=95)
+    assert read_image(tmp_path / "photo.JPG").shape == (6, 5, 3)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff")
+    with pytest.raises(ValueError, match=r"broken\.jpg: cannot decode the image"):
+        read_image(tmp_path / "broken.jpg")
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -314,7 +311,7 @@ def test_build_dataset(tmp_path):
     assert build_dataset("digits", img_size=12).shape == (1, 12, 12)
     missing = tmp_path / "nope"
     msg = (rf"--data: {missing} does not exist \(expected 'digits', an image folder, "
-           rf"a \.npy/\.npz file or latents:PATH\)")
+           rf"a dataset folder \(dataset\.json\), a \.npy/\.npz file or latents:PATH\)")
     with pytest.raises(FileNotFoundError, match=msg):
         build_dataset(str(missing))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -408,7 +405,7 @@ def test_sampler_errors():
 
 # ----------------------------------------------------------------------------- bad input (issue 15)
 
-def test_save_grid_any_channel_count(tmp_path, no_pillow):
+def test_save_grid_any_channel_count(tmp_path):
     # latents (C = 4) and 5-channel arrays: each channel a grayscale tile, normalised over the batch
     g = torch.Generator().manual_seed(0)
     for c in (2, 4, 5):
@@ -432,15 +429,16 @@ def test_save_grid_any_channel_count(tmp_path, no_pillow):
 
 def _corrupt_idat(path):
     """Keep the PNG's header and CRCs valid, but make its pixel data an invalid zlib stream."""
-    chunks = images._read_chunks(path, path.read_bytes())
-    body = b"".join(images._chunk(k, p[:6] + b"\x00garbage" * 3 if k == b"IDAT" else p) for k, p in chunks)
-    path.write_bytes(images.PNG_SIGNATURE + body)
+    data, pos, body = path.read_bytes(), 8, b""
+    while pos < len(data):
+        (n,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        payload = data[pos + 8:pos + 8 + n]
+        body += _chunk(kind, payload[:6] + b"\x00garbage" * 3 if kind == b"IDAT" else payload)
+        pos += 12 + n
+    path.write_bytes(data[:8] + body)
 
 
-@pytest.mark.parametrize("pillow", [True, False], ids=["pillow", "builtin"])
-def test_image_folder_corrupt_png_is_named(tmp_path, monkeypatch, pillow):
-    if not pillow:
-        monkeypatch.setattr(images, "_import_pillow", lambda: None)
+def test_image_folder_corrupt_png_is_named(tmp_path):
     _write_folder(tmp_path, {f"{i}.png": _rand_u8((4, 4, 3), i) for i in range(4)})
     _corrupt_idat(tmp_path / "2.png")
     assert images.image_info(tmp_path / "2.png") == (4, 4, 3)  # the header alone is fine

@@ -190,6 +190,18 @@ def test_resume_is_bit_exact(single_run, half_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_loader_workers_is_bit_exact(single_run, half_run, tmp_path):
+    """Resumed with --workers 2 (batches read ahead by two processes): the same batches, so the same
+    run, bit for bit, as the uninterrupted run that read them in the training process."""
+    d = tmp_path / "r"
+    shutil.copytree(half_run, d)
+    train(d, *FULL, "--workers", "2")
+    ref, got = stats(single_run), stats(d)
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    a, b = load_file(str(ckpt_dir(single_run, 8) / "model.safetensors")), load_file(str(ckpt_dir(d, 8) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_on_two_processes_follows_the_single_process_run(single_run, half_run, tmp_path):
     d = tmp_path / "r"
     shutil.copytree(half_run, d)

@@ -1,6 +1,7 @@
 """Setting a run up: the data, the network (and the sCD teacher, the initial weights, the weight
 head), the parallel wrappers, the optimizer, the loss scaler, the EMA, the data order and the noise.
 Everything the step reads or changes is one `Parts`; CheckpointIO saves and restores it."""
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,8 @@ class Parts:
     opt: torch.optim.Optimizer
     scaler: "LossScaler"
     ema: Any                          # PowerEMA / HalfLifeEMA, or None
-    sampler: data.ShardedSampler
+    sampler: data.ShardedSampler      # the data position (checkpointed); the loader advances it
+    loader: data.BatchLoader
     gen: trigflow.BatchGenerator
     scm_cfg: objectives.SCMConfig
     params: list                      # what the optimizer steps: the network's parameters, then the head's
@@ -196,11 +198,26 @@ def weight_head(cfg, shape, device, log):
     return AdaptiveWeight(init_logvar=init).to(device)
 
 
+def check_cond_keys(net, cfg, ds):
+    """The dataset's conditioning keys must be keyword arguments of the network's forward: RunError
+    naming the keys and what the network takes otherwise."""
+    params = inspect.signature(net.forward).parameters
+    if not ds.cond_keys or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [k for k in ds.cond_keys if k not in params]
+    if missing:
+        takes = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
+        raise RunError(f"--data {cfg.data}: the per-sample conditioning {missing} is not an input of --arch "
+                       f"{cfg.arch} (its forward takes {takes} beside x and t); drop those keys from the "
+                       f"dataset or train a network that takes them")
+
+
 def build_parts(cfg, proc, log, ds):
     """Every part of the run, in a fixed order (the random init follows cfg.seed on every rank)."""
     num_classes = ds.num_classes if cfg.class_cond else 0
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     raw_net = build_network(cfg, ds.shape, num_classes).to(proc.device)
+    check_cond_keys(raw_net, cfg, ds)
     teacher, teacher_cfg = load_teacher(cfg, ds.shape, proc.device, log)
     init_weights(raw_net, cfg, teacher, proc.device, log)
     raw_logvar = weight_head(cfg, ds.shape, proc.device, log)
@@ -211,6 +228,7 @@ def build_parts(cfg, proc, log, ds):
         distributed.checkpoint_blocks(raw_net)
     net, logvar = distributed.wrap(raw_net, proc, cfg.parallel), distributed.wrap(raw_logvar, proc, cfg.parallel)
     params = list(net.parameters()) + (list(logvar.parameters()) if logvar else [])
+    sampler = data.ShardedSampler(len(ds), cfg.batch, proc.rank, proc.world, cfg.seed)
     parts = Parts(
         data=ds, num_classes=num_classes, raw_net=raw_net, net=net, raw_logvar=raw_logvar, logvar=logvar,
         teacher=teacher, teacher_cfg=teacher_cfg,
@@ -218,7 +236,7 @@ def build_parts(cfg, proc, log, ds):
         scaler=LossScaler(cfg.precision == "fp16", cfg.loss_scale),
         ema=ema.make_ema(cfg.ema, distributed.local_params(raw_net), sigma_rels=cfg.ema_sigma_rels,
                          half_life_kimg=cfg.ema_halflife_kimg, rampup_ratio=cfg.ema_rampup or None),
-        sampler=data.ShardedSampler(len(ds), cfg.batch, proc.rank, proc.world, cfg.seed),
+        sampler=sampler, loader=data.BatchLoader(ds, sampler, cfg.workers, pin_memory=proc.device.type == "cuda"),
         gen=trigflow.BatchGenerator(cfg.seed + 1, proc.rank, proc.world, proc.device),
         scm_cfg=config.scm_config(cfg), params=params)
     if cfg.act_ckpt and cfg.one_pass:

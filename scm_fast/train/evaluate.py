@@ -20,6 +20,7 @@ def sample_settings(objective):
 class Evaluator:
     def __init__(self, cfg, proc, run_dir, log):
         self.cfg, self.proc, self.run_dir, self.log = cfg, proc, run_dir, log
+        self._vae = None
 
     def sampling_net(self, parts):
         """An unwrapped copy of the network holding the first EMA (or the raw weights); None off rank 0
@@ -34,10 +35,16 @@ class Evaluator:
         runs.load_weights(net, weights, "the run's weights")
         return net.eval().requires_grad_(False)
 
-    def _generate(self, net, parts, n, steps, seed):
+    def _generate(self, net, parts, n, steps, seed, decode=False):
+        """n samples in [-1, 1] (b, C, H, W); decode: latent samples through --vae to images."""
         labels = sample.class_labels(n, parts.num_classes, self.proc.device)
         x = sample.generate(net, self.cfg, parts.data.shape, n, steps, labels=labels, seed=seed,
                             device=self.proc.device)
+        if decode and self.cfg.vae and hasattr(parts.data, "denormalize"):
+            if self._vae is None:
+                from scm_fast.vae import VAE  # noqa: PLC0415 - imports diffusers
+                self._vae = VAE(self.cfg.vae, self.proc.device)
+            x = self._vae.decode(parts.data.denormalize(x))
         return x.clamp(-1, 1).cpu()
 
     def sample_grids(self, parts, tag):
@@ -48,7 +55,8 @@ class Evaluator:
             nrow = max(parts.num_classes, 8) if parts.num_classes else None
             for name, steps in sample_settings(self.cfg.objective):
                 path = self.run_dir / "samples" / f"{tag}-{name}.png"
-                images.save_grid(path, self._generate(net, parts, self.cfg.n_grid, steps, self.cfg.seed), nrow=nrow)
+                x = self._generate(net, parts, self.cfg.n_grid, steps, self.cfg.seed, decode=True)
+                images.save_grid(path, x, nrow=nrow)
                 paths.append(path)
         self.proc.barrier()
         return paths

@@ -122,6 +122,7 @@ def _train(cfg, proc, run_dir, log, faults, rundir):
             log(f"stop requested: checkpoint at step {counters.step} written; exiting")
             return 0
     progress.close()
+    parts.loader.close()
 
     # ---- finish: the last checkpoint, final grids and FD
     if resumed_step != counters.step:  # a finished run re-run only samples and evaluates again

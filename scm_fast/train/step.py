@@ -55,9 +55,10 @@ def _teacher_fn(parts, cfg, conditional):
     return teacher
 
 
-def loss(parts, cfg, step, x0, labels):
-    """(the objective's mean loss, its stats {t, err}) for the batch x0 at optimizer step `step`."""
-    cond = {} if labels is None else {"labels": labels}
+def loss(parts, cfg, step, x0, labels, extra=None):
+    """(the objective's mean loss, its stats {t, err}) for the batch x0 at optimizer step `step`; the
+    labels and the dataset's conditioning tensors `extra` reach the network as keyword arguments."""
+    cond = dict(extra or {}, **({} if labels is None else {"labels": labels}))
 
     def F(x_in, t, **c):
         with autocast(x_in.device.type, cfg.precision):
@@ -74,15 +75,15 @@ def loss(parts, cfg, step, x0, labels):
 
 
 def next_batch(parts, device):
-    x0, labels = parts.data.get_batch(parts.sampler.next())
-    labels = None if labels is None or not parts.num_classes else labels.to(device)
-    return x0.to(device), labels
+    x0, labels, extra = parts.loader.next()
+    labels = None if labels is None or not parts.num_classes else labels.to(device, non_blocking=True)
+    return x0.to(device, non_blocking=True), labels, {k: v.to(device, non_blocking=True) for k, v in extra.items()}
 
 
 def train_step(parts, cfg, proc, counters, faults, log):
     """One optimizer step; updates `counters`; returns the step's stats (global means)."""
     with _range("data"):
-        x0, labels = next_batch(parts, proc.device)
+        x0, labels, extra = next_batch(parts, proc.device)
     lr = lr_at(cfg, counters.cur_nimg)
     for group in parts.opt.param_groups:
         group["lr"] = lr
@@ -91,7 +92,7 @@ def train_step(parts, cfg, proc, counters, faults, log):
         # torch.func.jvp its new buckets are storage-less wrappers, so rebuild here, outside the transform.
         parts.net.reducer._rebuild_buckets()
     with _range("forward+jvp"):
-        value, stats = loss(parts, cfg, counters.step, x0, labels)
+        value, stats = loss(parts, cfg, counters.step, x0, labels, extra)
     if faults.nan_at(counters.step + 1):
         value = value * float("nan")
     with _range("backward"):

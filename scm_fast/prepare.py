@@ -1,0 +1,125 @@
+"""`python -m scm_fast.prepare SRC OUT`: training data -> a dataset folder of .npy shards (scm_fast.shards).
+
+    python -m scm_fast.prepare photos/ data/photos-64 --img-size 64               # uint8 images
+    python -m scm_fast.prepare photos/ data/photos-lat --img-size 256 --vae sd-vae/  # latents + mean/std
+    python -m scm_fast.prepare digits data/digits-text --cond-per-class class_emb.npz --x-dtype float32
+
+SRC is what --data takes (digits, an image folder, a .npy/.npz array, a dataset folder), read in order
+and written shard by shard, so it may be larger than memory. --vae encodes the images with a local
+diffusers AutoencoderKL / AutoencoderDC (scm_fast.vae) and stores the per-channel mean and std of the
+latents in the index (the trainer normalizes with them). Per-sample conditioning comes from an .npz
+of arrays with one row per sample (--cond) or per class label (--cond-per-class); each array becomes
+a key that reaches the network as a keyword argument of its name. OUT must not exist or be empty.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scm_fast import data, shards
+
+
+def _cond_arrays(path, rows, what):
+    """{key: array} of an .npz whose arrays have `rows` rows, numeric and finite; ValueError naming the file."""
+    if path is None:
+        return {}
+    files = data._read_numpy(Path(path))[1]
+    if not files:
+        raise ValueError(f"{what} {path}: expected an .npz of named arrays")
+    for key, a in files.items():
+        if key in ("x", "labels"):
+            raise ValueError(f"{what} {path}: {key!r} is reserved (the images and the labels)")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or a.ndim < 1 or len(a) < rows:
+            raise ValueError(f"{what} {path}: {key!r} must be numeric with at least {rows} rows, got "
+                             f"{a.dtype} {a.shape}")
+        if np.issubdtype(a.dtype, np.floating):
+            data._check_finite(a, path, f"array {key!r}")
+    return files
+
+
+def _x_dtype(args):
+    return np.dtype(args.x_dtype or ("float16" if args.vae else "uint8"))
+
+
+def _to_stored(x, dtype):
+    """Images in [-1, 1] -> uint8 (round((x + 1) * 127.5), exact for uint8 sources) or floats."""
+    if dtype == np.uint8:
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return x.numpy().astype(dtype)
+
+
+def prepare(args, log=print):
+    """Write args.out from args.src; -> the dataset folder."""
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"OUT {out}: exists and is not an empty folder (nothing is overwritten)")
+    ds = data.build_dataset(args.src, args.img_size or None)
+    per_sample = _cond_arrays(args.cond, len(ds), "--cond")
+    per_class = _cond_arrays(args.cond_per_class, ds.num_classes, "--cond-per-class")
+    if per_class and not ds.num_classes:
+        raise ValueError(f"--cond-per-class {args.cond_per_class}: {args.src} has no class labels")
+    vae = None
+    if args.vae:
+        from scm_fast.vae import VAE  # noqa: PLC0415 - imports diffusers
+        vae = VAE(args.vae, args.device)
+    writer = shards.ShardWriter(out, "latents" if vae else "images", args.shard_size, ds.num_classes)
+    stats, dtype = None, _x_dtype(args)
+    for start in range(0, len(ds), args.batch):
+        idx = torch.arange(start, min(start + args.batch, len(ds)))
+        x, labels = ds.get_batch(idx)
+        if vae is not None:
+            x = vae.encode(x).cpu()
+            stats = stats or data.ChannelStats(x.shape[1])
+            stats.add(x.numpy())
+        batch = dict(x=x.numpy().astype(dtype) if vae else _to_stored(x, dtype), **ds.get_extra(idx))
+        if ds.num_classes:
+            batch["labels"] = labels.numpy()
+            batch.update({k: a[labels.numpy()] for k, a in per_class.items()})
+        batch.update({k: a[idx.numpy()] for k, a in per_sample.items()})
+        writer.add(**batch)
+    root = writer.close(**({} if stats is None else dict(mean=stats.mean, std=stats.std)))
+    log(f"{root}: {len(ds)} samples of {'latents' if vae else 'images'} {tuple(batch['x'].shape[1:])} "
+        f"{dtype.name}, keys {sorted(batch)}")
+    return root
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="python -m scm_fast.prepare", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("src", help="the data, as --data takes it: digits, an image folder, a .npy/.npz array, "
+                                "a dataset folder")
+    ap.add_argument("out", help="the dataset folder to write (absent or empty)")
+    ap.add_argument("--vae", metavar="PATH", help="a local diffusers AutoencoderKL / AutoencoderDC folder "
+                                                  "(save_pretrained): write its latents of the images")
+    ap.add_argument("--img-size", type=int, default=0, help="resize (center crop) digits and image folders to "
+                                                            "N x N; 0 = their own size")
+    ap.add_argument("--x-dtype", choices=("uint8", "float16", "float32"),
+                    help="how x is stored; default uint8 for images (exact for 8-bit sources), float16 for latents")
+    ap.add_argument("--cond", metavar="NPZ", help="per-sample conditioning: arrays with one row per sample of "
+                                                  "SRC, in its order (encoder_hidden_states (N, L, D), ...)")
+    ap.add_argument("--cond-per-class", metavar="NPZ", help="conditioning per class: arrays with one row per "
+                                                            "class label, written for each sample by its label")
+    ap.add_argument("--batch", type=int, default=64, help="samples read (and encoded) at a time")
+    ap.add_argument("--shard-size", type=int, default=65536, help="samples per shard file")
+    ap.add_argument("--device", default="cpu", help="where the VAE runs (cpu, cuda)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    for flag in ("batch", "shard_size"):
+        if getattr(args, flag) < 1:
+            build_parser().error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    try:
+        prepare(args)
+    except (OSError, ValueError) as err:
+        print(f"scm_fast.prepare: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

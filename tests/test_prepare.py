@@ -1,0 +1,86 @@
+"""python -m scm_fast.prepare: arrays and the digits -> dataset folders, with a tiny random diffusers
+VAE (saved with save_pretrained) for latents, conditioning per sample and per class, and its errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scm_fast import data, prepare, shards
+from scm_fast.vae import VAE
+from test_train import TINY, kimg, run
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=8)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def _prepare(*argv):
+    assert prepare.main([str(a) for a in argv]) == 0
+
+
+def test_uint8_array_roundtrips_exactly(tmp_path):
+    a = np.random.default_rng(0).integers(0, 255, (30, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=a, labels=np.arange(30) % 4)
+    _prepare(tmp_path / "a.npz", tmp_path / "out", "--shard-size", "8", "--batch", "7")
+    src, got = data.load_arrays(tmp_path / "a.npz"), data.build_dataset(str(tmp_path / "out"))
+    idx = torch.arange(30)
+    assert torch.equal(src.get_batch(idx)[0], got.get_batch(idx)[0])
+    assert torch.equal(src.get_batch(idx)[1], got.get_batch(idx)[1]) and got.num_classes == 4
+    index = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert index["keys"]["x"]["dtype"] == "uint8" and len(index["shards"]) == 4
+
+
+def test_latents_with_a_local_vae_and_per_class_conditioning(tmp_path, vae_dir):
+    emb = np.random.default_rng(1).standard_normal((10, 5, 16)).astype(np.float32)
+    np.savez(tmp_path / "classes.npz", encoder_hidden_states=emb)
+    _prepare("digits", tmp_path / "lat", "--vae", vae_dir, "--cond-per-class", tmp_path / "classes.npz")
+    ds = data.build_dataset(str(tmp_path / "lat"), sigma_d=0.5)
+    assert ds.shape == (4, 4, 4) and ds.cond_keys == ("encoder_hidden_states",) and len(ds) == 1797
+    digits = data.digits()
+    idx = torch.tensor([0, 5, 1796])
+    ref = VAE(vae_dir).encode(digits.get_batch(idx)[0])
+    torch.testing.assert_close(ds.denormalize(ds.get_batch(idx)[0]), ref, atol=2e-3, rtol=1e-3)  # fp16 storage
+    labels = digits.get_batch(idx)[1]
+    assert torch.equal(ds.get_extra(idx)["encoder_hidden_states"], torch.from_numpy(emb[labels.numpy()]))
+    z = ds.get_batch(torch.arange(len(ds)))[0]  # normalized with the stored statistics: std sigma_d per channel
+    torch.testing.assert_close(z.std(dim=(0, 2, 3), correction=0), torch.full((4,), 0.5), atol=2e-3, rtol=0)
+
+
+def test_trainer_decodes_latent_grids_with_the_vae(tmp_path, vae_dir):
+    _prepare("digits", tmp_path / "lat", "--vae", vae_dir)
+    d = tmp_path / "run"
+    run([*TINY, "--data", str(tmp_path / "lat"), "--run-dir", str(d), "--vae", str(vae_dir), "--sigma-d", "0.5",
+         *kimg(2)])
+    from PIL import Image
+    grid = Image.open(next((d / "samples").glob("final-1step.png")))
+    assert grid.mode == "RGB"  # decoded 3-channel images, not 4 latent-channel tiles
+
+
+def test_prepare_errors_name_what_is_wrong(tmp_path, vae_dir, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert prepare.main(["digits", str(tmp_path / "full")]) == 1
+    assert "exists and is not an empty folder (nothing is overwritten)" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert prepare.main(["digits", str(tmp_path / "o1"), "--vae", str(tmp_path)]) == 1
+    assert "not a diffusers model folder (no config.json" in capsys.readouterr().err
+    np.savez(tmp_path / "short.npz", encoder_hidden_states=np.zeros((5, 2, 3), np.float32))
+    assert prepare.main(["digits", str(tmp_path / "o2"), "--cond", str(tmp_path / "short.npz")]) == 1
+    assert "'encoder_hidden_states' must be numeric with at least 1797 rows" in capsys.readouterr().err
+    bad = np.zeros((10, 3), np.float32)
+    bad[4, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", pooled_projections=bad)
+    assert prepare.main(["digits", str(tmp_path / "o3"), "--cond-per-class", str(tmp_path / "nan.npz")]) == 1
+    assert "non-finite values (NaN/Inf) in the array 'pooled_projections', the first in sample 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prepare.main(["digits", str(tmp_path / "o4"), "--batch", "0"])
+    assert not shards.is_shards(tmp_path / "o4")
