@@ -1,4 +1,4 @@
-"""The data loader against the training step: samples/s of data.BatchLoader with 0, 2, 4 workers next
+"""The data loader against the training step: samples/s of loader.BatchLoader with 0, 2, 4 workers next
 to the samples/s a training step consumes, and the peak RSS of a training process against the
 dataset's size (1x and 10x).
 
@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from scm_fast import data  # noqa: E402
+from scm_fast import data, loader  # noqa: E402
 
 
 def write_npy(path, n, size, fill=True):
@@ -45,14 +45,14 @@ def loader_rate(path, batch, workers, batches=20, runs=3):
     ds = data.load_arrays(path)
     rates = []
     for r in range(runs):
-        loader = data.BatchLoader(ds, data.ShardedSampler(len(ds), batch, seed=r), workers=workers)
+        batches = loader.BatchLoader(ds, loader.ShardedSampler(len(ds), batch, seed=r), workers=workers)
         for _ in range(3):
-            loader.next()
+            batches.next()
         t = time.perf_counter()
         for _ in range(batches):
-            loader.next()
+            batches.next()
         rates.append(batches * batch / (time.perf_counter() - t))
-        loader.close()
+        batches.close()
     return statistics.median(rates)
 
 

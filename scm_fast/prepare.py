@@ -3,13 +3,17 @@
     python -m scm_fast.prepare photos/ data/photos-64 --img-size 64               # uint8 images
     python -m scm_fast.prepare photos/ data/photos-lat --img-size 256 --vae sd-vae/  # latents + mean/std
     python -m scm_fast.prepare digits data/digits-text --cond-per-class class_emb.npz --x-dtype float32
+    python -m scm_fast.prepare photos/ data/photos-t5 --vae vae/ --text-encoder t5/ --captions captions.txt
 
 SRC is what --data takes (digits, an image folder, a .npy/.npz array, a dataset folder), read in order
 and written shard by shard, so it may be larger than memory. --vae encodes the images with a local
 diffusers AutoencoderKL / AutoencoderDC (scm_fast.vae) and stores the per-channel mean and std of the
 latents in the index (the trainer normalizes with them). Per-sample conditioning comes from an .npz
-of arrays with one row per sample (--cond) or per class label (--cond-per-class); each array becomes
-a key that reaches the network as a keyword argument of its name. OUT must not exist or be empty.
+of arrays with one row per sample (--cond) or per class label (--cond-per-class), or from captions
+embedded by a local transformers text encoder (--text-encoder with --captions or --class-captions:
+encoder_hidden_states, encoder_attention_mask and, where the model pools, pooled_projections, in
+float16 / uint8); each array becomes a key that reaches the network as a keyword argument of its
+name. OUT must not exist or be empty.
 """
 import argparse
 import sys
@@ -39,6 +43,29 @@ def _cond_arrays(path, rows, what):
     return files
 
 
+def _read_lines(path, count, flag):
+    lines = Path(path).read_text().splitlines()
+    if len(lines) < count:
+        raise ValueError(f"{flag} {path}: {len(lines)} lines, expected one per "
+                         f"{'class' if flag == '--class-captions' else 'sample'} ({count})")
+    return lines
+
+
+def _captions(args, ds):
+    """(TextEncoder, captions) for --text-encoder, else (None, None)."""
+    given = [f for f in ("captions", "class_captions") if getattr(args, f)]
+    if bool(args.text_encoder) != bool(given) or len(given) > 1:
+        raise ValueError("--text-encoder needs exactly one of --captions and --class-captions, and they need it")
+    if not args.text_encoder:
+        return None, None
+    if args.class_captions and not ds.num_classes:
+        raise ValueError(f"--class-captions {args.class_captions}: {args.src} has no class labels")
+    captions = (_read_lines(args.class_captions, ds.num_classes, "--class-captions") if args.class_captions
+                else _read_lines(args.captions, len(ds), "--captions"))
+    from scm_fast.text import TextEncoder  # noqa: PLC0415 - imports transformers
+    return TextEncoder(args.text_encoder, args.device, args.max_length or None), captions
+
+
 def _x_dtype(args):
     return np.dtype(args.x_dtype or ("float16" if args.vae else "uint8"))
 
@@ -60,6 +87,7 @@ def prepare(args, log=print):
     per_class = _cond_arrays(args.cond_per_class, ds.num_classes, "--cond-per-class")
     if per_class and not ds.num_classes:
         raise ValueError(f"--cond-per-class {args.cond_per_class}: {args.src} has no class labels")
+    text, captions = _captions(args, ds)
     vae = None
     if args.vae:
         from scm_fast.vae import VAE  # noqa: PLC0415 - imports diffusers
@@ -78,6 +106,10 @@ def prepare(args, log=print):
             batch["labels"] = labels.numpy()
             batch.update({k: a[labels.numpy()] for k, a in per_class.items()})
         batch.update({k: a[idx.numpy()] for k, a in per_sample.items()})
+        if text is not None:
+            rows = labels.tolist() if args.class_captions else idx.tolist()
+            emb = text.encode([captions[i] for i in rows])
+            batch.update({k: v.numpy().astype(np.float16 if v.is_floating_point() else np.uint8) for k, v in emb.items()})
         writer.add(**batch)
     root = writer.close(**({} if stats is None else dict(mean=stats.mean, std=stats.std)))
     log(f"{root}: {len(ds)} samples of {'latents' if vae else 'images'} {tuple(batch['x'].shape[1:])} "
@@ -102,6 +134,13 @@ def build_parser():
                                                   "SRC, in its order (encoder_hidden_states (N, L, D), ...)")
     ap.add_argument("--cond-per-class", metavar="NPZ", help="conditioning per class: arrays with one row per "
                                                             "class label, written for each sample by its label")
+    ap.add_argument("--text-encoder", metavar="PATH", help="a local transformers text encoder with its tokenizer "
+                                                           "(save_pretrained; or a pipeline folder): embed the "
+                                                           "captions of --captions / --class-captions")
+    ap.add_argument("--captions", metavar="TXT", help="one caption per line, one line per sample of SRC")
+    ap.add_argument("--class-captions", metavar="TXT", help="one caption per line, one line per class label")
+    ap.add_argument("--max-length", type=int, default=0, help="tokens per caption; 0 = the tokenizer's "
+                                                              "model_max_length (at most 512)")
     ap.add_argument("--batch", type=int, default=64, help="samples read (and encoded) at a time")
     ap.add_argument("--shard-size", type=int, default=65536, help="samples per shard file")
     ap.add_argument("--device", default="cpu", help="where the VAE runs (cpu, cuda)")

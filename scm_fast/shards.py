@@ -15,7 +15,7 @@ every other key is per-sample conditioning that reaches the network as a keyword
 name (encoder_hidden_states (L, D), pooled_projections (D,), encoder_attention_mask (L,), ...).
 
 Why plain .npy shards and not webdataset tar streams, Hugging Face `datasets` or MosaicML streaming:
-the trainer's data order is one seeded global permutation cut per rank (data.ShardedSampler), the
+the trainer's data order is one seeded global permutation cut per rank (loader.ShardedSampler), the
 same on any world size and resumable at any step from two integers; that needs random access to
 sample i, which a .npy gives by offset arithmetic (os.pread of one row, NpyRows) with numpy alone,
 while tar streams shuffle within a buffer (an order that depends on the workers and ranks), and
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scm_fast import data
+from scm_fast import data, npy
 
 FORMAT, VERSION, INDEX = "scm_fast.shards", 1, "dataset.json"
 KINDS = ("images", "latents")
@@ -74,7 +74,7 @@ def _open_key(root, key, spec, shards):
         path = Path(root) / name
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (shard {i}, key {key!r} of {Path(root) / INDEX})")
-        r = data.NpyRows.open(path)
+        r = npy.NpyRows.open(path)
         want = (int(shard["num_samples"]), *spec["shape"])
         if r is None or r.shape != want or r.dtype != np.dtype(spec["dtype"]):
             got = "a Fortran-ordered or object array" if r is None else f"{r.dtype} {r.shape}"

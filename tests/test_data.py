@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from scm_fast import images
-from scm_fast.data import ArrayData, ImageFolder, LatentData, ShardedSampler, build_dataset, digits, load_arrays
+from scm_fast.data import ArrayData, ImageFolder, LatentData, build_dataset, digits, load_arrays
+from scm_fast.loader import ShardedSampler
 from scm_fast.images import make_grid, read_image, save_grid, to_uint8, write_png
 
 

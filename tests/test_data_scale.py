@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from scm_fast import data
+from scm_fast import data, loader, npy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def _save(tmp_path, name, a, fortran=False):
                                           ((19, 4, 3, 3), np.float16), ((11, 2, 4, 4), np.float32)])
 def test_npy_rows_read_what_np_load_reads(tmp_path, shape, dtype):
     a = (np.random.default_rng(0).random(shape) * 200).astype(dtype)
-    rows = data.NpyRows.open(_save(tmp_path, "a.npy", a))
+    rows = npy.NpyRows.open(_save(tmp_path, "a.npy", a))
     assert rows.shape == a.shape and rows.dtype == a.dtype and len(rows) == len(a)
     idx = np.random.default_rng(1).integers(0, len(a), 40)
     np.testing.assert_array_equal(rows[idx], a[idx])  # any order, repeats
@@ -36,7 +36,7 @@ def test_npy_rows_read_what_np_load_reads(tmp_path, shape, dtype):
 def test_fortran_order_npy_is_memory_mapped_and_reads_the_same(tmp_path):
     a = np.random.default_rng(0).integers(0, 255, (9, 6, 6, 3), dtype=np.uint8)
     path = _save(tmp_path, "f.npy", a, fortran=True)
-    assert data.NpyRows.open(path) is None
+    assert npy.NpyRows.open(path) is None
     ds = data.load_arrays(path)
     ref = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
     assert torch.equal(ds.get_batch(torch.arange(9))[0], ref)
@@ -52,7 +52,7 @@ def test_truncated_npy_is_named(tmp_path):
 def test_npy_images_are_read_per_batch_and_match_the_whole_array(tmp_path):
     a = np.random.default_rng(0).integers(0, 255, (50, 8, 8, 2), dtype=np.uint8)  # gray + alpha, NHWC
     ds = data.load_arrays(_save(tmp_path, "ga.npy", a))
-    assert isinstance(ds._array, data.NpyRows)
+    assert isinstance(ds._array, npy.NpyRows)
     idx = torch.tensor([7, 0, 49, 7])
     x, labels = ds.get_batch(idx)
     ref = torch.from_numpy(np.ascontiguousarray(a[idx.numpy(), ..., :1].transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
@@ -86,7 +86,7 @@ def test_latent_statistics_stream_exactly(tmp_path, monkeypatch, dtype):
     idx = torch.tensor([3, 39, 0])
     ref = (a64[idx.numpy()] - mean[None, :, None, None]) / std[None, :, None, None] * 0.5
     np.testing.assert_allclose(ds.get_batch(idx)[0].numpy(), ref.astype(np.float32), rtol=1e-6, atol=1e-6)
-    assert isinstance(ds._latents, data.NpyRows)
+    assert isinstance(ds._latents, npy.NpyRows)
 
 
 def test_nan_latents_are_named_with_their_sample(tmp_path, monkeypatch):
@@ -97,8 +97,8 @@ def test_nan_latents_are_named_with_their_sample(tmp_path, monkeypatch):
         data.LatentData(_save(tmp_path, "lat.npy", a))
 
 
-def _batches(loader, n):
-    return [loader.next() for _ in range(n)]
+def _batches(batches, n):
+    return [batches.next() for _ in range(n)]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -106,20 +106,20 @@ def test_loader_workers_give_the_batches_of_the_sampler(tmp_path, workers):
     a = np.random.default_rng(0).integers(0, 255, (45, 4, 4), dtype=np.uint8)
     ds = data.load_arrays(_save(tmp_path, "a.npy", a))
 
-    def loader(w, state=None):
-        s = data.ShardedSampler(len(ds), 8, rank=1, world_size=2, seed=3)
+    def make(w, state=None):
+        s = loader.ShardedSampler(len(ds), 8, rank=1, world_size=2, seed=3)
         if state:
             s.load_state_dict(state)
-        return data.BatchLoader(ds, s, workers=w)
+        return loader.BatchLoader(ds, s, workers=w)
 
-    ref = loader(0)
+    ref = make(0)
     first = _batches(ref, 7)  # crosses an epoch (45 samples, 8 a step)
     state = ref.sampler.state_dict()
     rest = _batches(ref, 5)
-    got = loader(workers)
+    got = make(workers)
     assert all(torch.equal(x, y) for (x, *_), (y, *_) in zip(first, _batches(got, 7)))
     assert got.sampler.state_dict() == state  # the position is what was consumed, not what was read ahead
-    resumed = loader(workers, state)
+    resumed = make(workers, state)
     assert all(torch.equal(x, y) for (x, *_), (y, *_) in zip(rest, _batches(resumed, 5)))
     got.close()
     resumed.close()
@@ -127,7 +127,7 @@ def test_loader_workers_give_the_batches_of_the_sampler(tmp_path, workers):
 
 def test_loader_rejects_negative_workers():
     with pytest.raises(ValueError, match="workers must be >= 0"):
-        data.BatchLoader(data.digits(), data.ShardedSampler(10, 2), workers=-1)
+        loader.BatchLoader(data.digits(), loader.ShardedSampler(10, 2), workers=-1)
 
 
 def _peak_rss_mib(args):

@@ -84,3 +84,77 @@ def test_prepare_errors_name_what_is_wrong(tmp_path, vae_dir, capsys):
     with pytest.raises(SystemExit):
         prepare.main(["digits", str(tmp_path / "o4"), "--batch", "0"])
     assert not shards.is_shards(tmp_path / "o4")
+
+
+def test_autoencoder_dc_latents(tmp_path):
+    """Sana's DC-AE family (AutoencoderDC: its `latent`, no posterior) through the same path."""
+    from diffusers import AutoencoderDC
+    torch.manual_seed(0)
+    dc = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_out_channels=(8, 8),
+                       decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1),
+                       decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+                       decoder_qkv_multiscales=((), ()))
+    dc.save_pretrained(tmp_path / "pipe" / "vae")  # a pipeline folder: its vae/ is used
+    a = np.random.default_rng(0).integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", a)
+    _prepare(tmp_path / "a.npy", tmp_path / "lat", "--vae", tmp_path / "pipe", "--x-dtype", "float32")
+    ds = data.build_dataset(str(tmp_path / "lat"))
+    vae = VAE(tmp_path / "pipe")
+    assert vae.class_name == "AutoencoderDC" and ds.shape == (4, 4, 4)
+    x = data.load_arrays(tmp_path / "a.npy").get_batch(torch.arange(12))[0]
+    torch.testing.assert_close(ds.denormalize(ds.get_batch(torch.arange(12))[0]), vae.encode(x), atol=1e-5, rtol=1e-5)
+    assert vae.decode(vae.encode(x)).shape == (12, 3, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP text encoder with a word-level tokenizer, saved together (offline)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[PAD]", "[UNK]", "a", "handwritten", "digit", "zero", "one", "two", "three", "four", "five", "six",
+             "seven", "eight", "nine", "photo", "of"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                                model_max_length=8)
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=8, projection_dim=12,
+                                      pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    path = tmp_path_factory.mktemp("clip") / "text"
+    transformers.CLIPTextModelWithProjection(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_class_captions_through_a_local_text_encoder(tmp_path, clip_dir):
+    (tmp_path / "classes.txt").write_text("\n".join(f"a handwritten digit {n}" for n in NAMES) + "\n")
+    _prepare("digits", tmp_path / "out", "--text-encoder", clip_dir, "--class-captions", tmp_path / "classes.txt",
+             "--x-dtype", "float32")
+    ds = data.build_dataset(str(tmp_path / "out"))
+    assert sorted(ds.cond_keys) == ["encoder_attention_mask", "encoder_hidden_states", "pooled_projections"]
+    idx = torch.tensor([0, 1, 1796])
+    extra, labels = ds.get_extra(idx), ds.get_batch(idx)[1]
+    from scm_fast.text import TextEncoder
+    ref = TextEncoder(clip_dir).encode([f"a handwritten digit {NAMES[i]}" for i in labels.tolist()])
+    assert extra["encoder_hidden_states"].shape == (3, 8, 16) and extra["encoder_hidden_states"].dtype == torch.float16
+    torch.testing.assert_close(extra["encoder_hidden_states"].float(), ref["encoder_hidden_states"], atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(extra["pooled_projections"].float(), ref["pooled_projections"], atol=2e-3, rtol=1e-3)
+    assert torch.equal(extra["encoder_attention_mask"], ref["encoder_attention_mask"])
+    assert extra["encoder_attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]  # 4 words, padded to 8
+
+
+def test_caption_errors(tmp_path, clip_dir, capsys):
+    (tmp_path / "few.txt").write_text("a photo\n")
+    assert prepare.main(["digits", str(tmp_path / "o1"), "--text-encoder", str(clip_dir), "--captions",
+                         str(tmp_path / "few.txt")]) == 1
+    assert "1 lines, expected one per sample (1797)" in capsys.readouterr().err
+    assert prepare.main(["digits", str(tmp_path / "o2"), "--captions", str(tmp_path / "few.txt")]) == 1
+    assert "--text-encoder needs exactly one of --captions and --class-captions" in capsys.readouterr().err
+    (tmp_path / "ten.txt").write_text("\n".join(NAMES))
+    assert prepare.main(["digits", str(tmp_path / "o3"), "--text-encoder", str(tmp_path), "--class-captions",
+                         str(tmp_path / "ten.txt")]) == 1
+    assert "not a transformers model folder (no config.json" in capsys.readouterr().err

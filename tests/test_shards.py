@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from scm_fast import config, data, shards, trigflow
+from scm_fast import config, data, loader, shards, trigflow
 from scm_fast.train import step
 from test_train import TINY, assert_close_seq, kimg, log_text, run, stats
 
@@ -115,15 +115,15 @@ def test_conditioning_keys_reach_the_network(tmp_path):
     """The loader's conditioning tensors become keyword arguments of the network in the training loss."""
     _write(tmp_path / "ds")
     ds = data.build_dataset(str(tmp_path / "ds"))
-    loader = data.BatchLoader(ds, data.ShardedSampler(len(ds), 4, seed=1), workers=1)
+    batches = loader.BatchLoader(ds, loader.ShardedSampler(len(ds), 4, seed=1), workers=1)
     cfg = config.parse(["--preset", "digits-sct", "--objective", "diffusion"])[0]
     net = _TextNet()
     parts = types.SimpleNamespace(net=net, logvar=None, teacher=None, gen=trigflow.BatchGenerator(0, 0, 1, "cpu"))
-    x0, labels, extra = step.next_batch(types.SimpleNamespace(loader=loader, num_classes=5), "cpu")
+    x0, labels, extra = step.next_batch(types.SimpleNamespace(loader=batches, num_classes=5), "cpu")
     value, _ = step.loss(parts, cfg, 0, x0, labels, extra)
     value.backward()
     assert net.seen == [((4, 6, 8), torch.float16, True)] and net.w.weight.grad is not None
-    loader.close()
+    batches.close()
 
 
 def test_trainer_refuses_conditioning_its_network_does_not_take(tmp_path):
@@ -152,3 +152,12 @@ def test_trainer_on_shards_matches_the_in_memory_digits(tmp_path):
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
     run([*TINY, "--data", str(root), "--run-dir", str(tmp_path / "sh2"), *kimg(4)], nproc=2)
     assert_close_seq(ref, stats(tmp_path / "sh2"), "loss")
+
+
+def test_truncated_shard_is_named(tmp_path):
+    root = tmp_path / "ds"
+    _write(root)
+    f = root / "x-00001.npy"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"x-00001\.npy: truncated"):
+        data.build_dataset(str(root))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from scm_fast import checkpoint, config, data, ema, objectives, runs, trigflow
+from scm_fast import checkpoint, config, data, ema, loader, objectives, runs, trigflow
 from scm_fast.models import AdaptiveWeight, build_network
 from scm_fast.train import distributed
 from scm_fast.train.distributed import RunError
@@ -27,8 +27,8 @@ class Parts:
     opt: torch.optim.Optimizer
     scaler: "LossScaler"
     ema: Any                          # PowerEMA / HalfLifeEMA, or None
-    sampler: data.ShardedSampler      # the data position (checkpointed); the loader advances it
-    loader: data.BatchLoader
+    sampler: loader.ShardedSampler      # the data position (checkpointed); the loader advances it
+    loader: loader.BatchLoader
     gen: trigflow.BatchGenerator
     scm_cfg: objectives.SCMConfig
     params: list                      # what the optimizer steps: the network's parameters, then the head's
@@ -228,7 +228,7 @@ def build_parts(cfg, proc, log, ds):
         distributed.checkpoint_blocks(raw_net)
     net, logvar = distributed.wrap(raw_net, proc, cfg.parallel), distributed.wrap(raw_logvar, proc, cfg.parallel)
     params = list(net.parameters()) + (list(logvar.parameters()) if logvar else [])
-    sampler = data.ShardedSampler(len(ds), cfg.batch, proc.rank, proc.world, cfg.seed)
+    sampler = loader.ShardedSampler(len(ds), cfg.batch, proc.rank, proc.world, cfg.seed)
     parts = Parts(
         data=ds, num_classes=num_classes, raw_net=raw_net, net=net, raw_logvar=raw_logvar, logvar=logvar,
         teacher=teacher, teacher_cfg=teacher_cfg,
@@ -236,7 +236,7 @@ def build_parts(cfg, proc, log, ds):
         scaler=LossScaler(cfg.precision == "fp16", cfg.loss_scale),
         ema=ema.make_ema(cfg.ema, distributed.local_params(raw_net), sigma_rels=cfg.ema_sigma_rels,
                          half_life_kimg=cfg.ema_halflife_kimg, rampup_ratio=cfg.ema_rampup or None),
-        sampler=sampler, loader=data.BatchLoader(ds, sampler, cfg.workers, pin_memory=proc.device.type == "cuda"),
+        sampler=sampler, loader=loader.BatchLoader(ds, sampler, cfg.workers, pin_memory=proc.device.type == "cuda"),
         gen=trigflow.BatchGenerator(cfg.seed + 1, proc.rank, proc.world, proc.device),
         scm_cfg=config.scm_config(cfg), params=params)
     if cfg.act_ckpt and cfg.one_pass:
