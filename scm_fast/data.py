@@ -210,11 +210,11 @@ def _layout_of(shape, path, layout=None):
     return "NHWC" if nhwc and not nchw else "NCHW"
 
 
-CHUNK = 1024  # samples per read of the one-pass checks and statistics over (memory-mapped) arrays
+CHUNK = 1024  # samples per read of the one-pass checks and statistics over arrays read row by row
 
 
 def _chunks(a):
-    """(first sample, in-memory chunk of `a`) over the samples of a (memory-mapped) array (N, ...)."""
+    """(first sample, in-memory chunk of `a`) over the samples of an array or NpyRows (N, ...)."""
     for i in range(0, len(a), CHUNK):
         yield i, np.asarray(a[i:i + CHUNK])
 
@@ -247,9 +247,9 @@ def _check_pixels(a, path):
 
 
 class NumpyImages(_Dataset):
-    """Images of a NumPy array (N, H, W), (N, C, H, W) or (N, H, W, C), converted batch by batch: a .npy
-    is memory-mapped, so a process holds only the samples of its batches (the page cache, shared by
-    every rank and loader worker, holds what was read) and N may exceed the memory.
+    """Images of a NumPy array (N, H, W), (N, C, H, W) or (N, H, W, C), converted batch by batch: a
+    .npy is read sample by sample (NpyRows), so a process holds only the samples of its batches (the
+    page cache, shared by every rank and loader worker, holds what was read) and N may exceed memory.
 
     uint8 in [0, 255] -> x / 127.5 - 1; float images are taken as [-1, 1] (|x| <= 1.5, finite: one pass
     over the file at start). The layout: _layout_of. NHWC arrays follow the image-file convention:
@@ -288,7 +288,7 @@ class NumpyImages(_Dataset):
 
 
 def load_arrays(path):
-    """Images from .npy (images only, memory-mapped) or .npz ('images' / 'x' / 'arr_0', labels 'labels' /
+    """Images from .npy (images only, read sample by sample) or .npz ('images' / 'x' / 'arr_0', labels 'labels' /
     'y', and optionally 'layout': 'NCHW' or 'NHWC' for shapes that read both ways) -> NumpyImages:
     batches of float32 (b, C, H, W) in [-1, 1]; num_classes = max label + 1. Float images with NaN /
     Inf, and files that cannot be read, raise ValueError naming the file.
@@ -350,7 +350,7 @@ class LatentData(_Dataset):
 
     mean/std come from the arguments, else the npz keys 'mean' / 'std', else the data (over N, H, W).
     Latents live under 'latents', 'x' or 'arr_0' (or are the .npy); labels under 'labels' / 'y'.
-    A .npy is memory-mapped and each batch is normalized when it is read (in float64, then float32),
+    A .npy is read sample by sample and each batch is normalized when it is read (float64, then float32),
     so a process holds only its batches, whatever N; an .npz stays in its own dtype in memory.
     `denormalize(x)` maps model outputs back to latent space; ds.mean, ds.std are float32 (C,).
     Latents with NaN / Inf, and non-finite statistics, raise ValueError naming the file (one pass over
