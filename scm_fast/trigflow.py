@@ -130,6 +130,45 @@ def from_flow_matching(velocity, sigma_d=SIGMA_D):
     return F
 
 
+def vp_timestep(alphas_cumprod, sigma):
+    """The (fractional) timestep tau of a discrete VP schedule at which the EDM noise level
+    sqrt((1 - abar) / abar) equals sigma: abar(tau) is the linear interpolation of alphas_cumprod
+    (decreasing) between integer steps, inverted here exactly; sigma beyond the schedule's range is
+    clamped to its ends."""
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64, device=sigma.device)
+    target = (1.0 / (1.0 + sigma.double() ** 2)).clamp(float(abar[-1]), float(abar[0]))
+    i = torch.searchsorted(-abar, -target, right=True).clamp(1, len(abar) - 1)  # abar[i - 1] >= target >= abar[i]
+    lo, hi = abar[i - 1], abar[i]
+    frac = torch.where(lo > hi, (lo - target) / (lo - hi), torch.zeros_like(target))
+    return (i - 1 + frac).to(sigma.dtype)
+
+
+def vp_abar(alphas_cumprod, tau):
+    """abar at fractional timesteps tau: the linear interpolation of alphas_cumprod (vp_timestep's inverse)."""
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64, device=tau.device)
+    i = tau.double().floor().clamp(0, len(abar) - 2).long()
+    frac = tau.double() - i
+    return (abar[i] * (1 - frac) + abar[i + 1] * frac).to(tau.dtype)
+
+
+def from_vp(model, alphas_cumprod, prediction="epsilon", sigma_d=SIGMA_D):
+    """F for a discrete-time VP model (DDPM / UNet2DCondition families) predicting epsilon or v at
+    timestep tau, with x_vp = sqrt(abar) x0 + sqrt(1 - abar) eps [DDPM; v: Salimans & Ho 2022]:
+    sigma = sigma_d tan t, x_vp = sqrt(abar) x_t / cos t (EDM's x_sigma scaled), tau = vp_timestep(sigma),
+    x0 = (x_vp - sqrt(1 - abar) eps) / sqrt(abar) or sqrt(abar) x_vp - sqrt(1 - abar) v, then from_edm."""
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"from_vp: prediction must be 'epsilon' or 'v_prediction', got {prediction!r}")
+
+    def denoiser(x_sigma, sigma, **cond):
+        tau = vp_timestep(alphas_cumprod, sigma)
+        abar = bcast(vp_abar(alphas_cumprod, tau), x_sigma)
+        a, b = torch.sqrt(abar), torch.sqrt(1 - abar)
+        x_vp = a * x_sigma
+        out = model(x_vp, tau, **cond)
+        return (x_vp - b * out) / a if prediction == "epsilon" else a * x_vp - b * out
+    return from_edm(denoiser, sigma_d)
+
+
 # ---- samplers --------------------------------------------------------------------------------
 def cfg(F, guidance=None, cond_key="labels", null=None):
     """Classifier-free guidance F_u + s (F_c - F_u); F_u is F with cond[cond_key] = null (-1 by

@@ -7,7 +7,11 @@
   modulation with adaptive double normalization on the fused op (`SwapReport`, the `DoubleNorm*`
   replacement modules).
 
-The two are independent; this package re-exports both (as scm_fast.patch did before the move).
+- `scm_fast.interop.schedulers`: `read(folder)` gives a diffusers model's parametrisation from its
+  scheduler config (flow matching, epsilon, v prediction, EDM) and `to_trigflow(model, info)` the
+  TrigFlow F of the model (tested exactly on an analytic Gaussian model, tests/test_conversions.py).
+
+The first two are independent; this package re-exports them (as scm_fast.patch did before the move).
 """
 from scm_fast.interop.diffusers_norm import (DoubleNormContinuous, DoubleNormGroup, DoubleNormZero, SwapReport,
                                              swap_adaptive_norm)
