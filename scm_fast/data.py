@@ -34,6 +34,7 @@ class _Dataset:
 
     kind = "dataset"
     cond_keys = ()  # names of the per-sample conditioning tensors of get_extra (shards.ShardedData)
+    is_latent = False  # latents (normalized per channel; denormalize() maps back), not pixels
 
     def get_extra(self, indices):
         """{key: tensor (b, ...)} of the per-sample conditioning (none here)."""
@@ -372,7 +373,7 @@ class LatentData(_Dataset):
                 raise ValueError(f"LatentData({path}): {name} must be finite in every channel, got {t.tolist()}")
         if not bool((s > 0).all()):
             raise ValueError(f"LatentData({path}): std must be > 0 in every channel, got {s.tolist()}")
-        self.sigma_d = float(sigma_d)
+        self.sigma_d, self.is_latent = float(sigma_d), True
         self._m64, self._s64 = m.view(1, c, 1, 1), s.view(1, c, 1, 1)
         self.mean, self.std = m.to(torch.float32), s.to(torch.float32)
         peak = np.max([np.abs(chunk.astype(np.float64) - self._m64.numpy()).max(axis=(0, 2, 3))

@@ -65,6 +65,13 @@ def test_trainer_decodes_latent_grids_with_the_vae(tmp_path, vae_dir):
     assert grid.mode == "RGB"  # decoded 3-channel images, not 4 latent-channel tiles
 
 
+def test_vae_on_pixel_data_is_refused(tmp_path, vae_dir):
+    p = run([*TINY, "--data", "digits", "--run-dir", str(tmp_path / "run"), "--vae", str(vae_dir), *kimg(1)],
+            check=False)
+    assert p.returncode == 1 and "decodes latent data, but --data digits holds pixels" in p.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_prepare_errors_name_what_is_wrong(tmp_path, vae_dir, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

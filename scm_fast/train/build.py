@@ -69,12 +69,16 @@ def make_optimizer(cfg, params, cuda):
 
 
 def dataset(cfg):
-    """The training data; RunError naming --data when it cannot be read."""
+    """The training data; RunError naming --data when it cannot be read (or --vae on pixel data)."""
     try:
-        return data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
+        ds = data.build_dataset(cfg.data, cfg.img_size or None, cfg.sigma_d)
     except (OSError, ValueError) as err:  # a message, not a traceback, and no run dir for a bad --data
         msg = str(err)
         raise RunError(msg if msg.startswith("--data") else f"--data {cfg.data}: {msg}") from None
+    if cfg.vae and not ds.is_latent:
+        raise RunError(f"--vae {cfg.vae}: decodes latent data, but --data {cfg.data} holds pixels "
+                       f"(drop --vae, or write latents with python -m scm_fast.prepare --vae)")
+    return ds
 
 
 def check_sigma_d(ds, sigma_d, log, n=512):

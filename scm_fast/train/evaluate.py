@@ -40,7 +40,7 @@ class Evaluator:
         labels = sample.class_labels(n, parts.num_classes, self.proc.device)
         x = sample.generate(net, self.cfg, parts.data.shape, n, steps, labels=labels, seed=seed,
                             device=self.proc.device)
-        if decode and self.cfg.vae and hasattr(parts.data, "denormalize"):
+        if decode and self.cfg.vae and parts.data.is_latent:
             if self._vae is None:
                 from scm_fast.vae import VAE  # noqa: PLC0415 - imports diffusers
                 self._vae = VAE(self.cfg.vae, self.proc.device)
