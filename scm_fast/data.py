@@ -92,6 +92,32 @@ def _check_labels(labels, n, num_classes, where):
 
 # ----------------------------------------------------------------------------- in-memory arrays
 
+def pixels_to_float(x):
+    """A batch as stored -> float32 in [-1, 1]: uint8 [0, 255] as x / 127.5 - 1, floats as they are."""
+    return x.to(torch.float32) / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+
+
+class LatentNorm:
+    """Per-channel latent normalization x = (latent - mean_c) / std_c * sigma_d (EDM2 / sCM), in float64
+    then float32; set_stats(mean, std, sigma_d) with float64 tensors (C,)."""
+
+    is_latent = True
+
+    def set_stats(self, mean, std, sigma_d):
+        c = mean.numel()
+        self.sigma_d, self._m64, self._s64 = float(sigma_d), mean.view(1, c, 1, 1), std.view(1, c, 1, 1)
+        self.mean, self.std = mean.to(torch.float32), std.to(torch.float32)
+
+    def normalize(self, latents):
+        """latents (b, C, H, W), any float dtype -> normalized float32."""
+        return ((latents.to(torch.float64) - self._m64) / self._s64 * self.sigma_d).to(torch.float32)
+
+    def denormalize(self, x):
+        """Normalized x (..., C, H, W) -> latents: x / sigma_d * std_c + mean_c."""
+        m, s = (t.to(device=x.device, dtype=x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
+        return x / self.sigma_d * s + m
+
+
 class ArrayData(_Dataset):
     """In-memory images float (N, C, H, W) with optional int labels (N,).
 
@@ -283,8 +309,7 @@ class NumpyImages(_Dataset):
             rows = rows[:, None]
         if self._nhwc:
             rows = rows[..., :self._keep].transpose(0, 3, 1, 2)
-        x = torch.from_numpy(np.ascontiguousarray(rows))
-        x = x.to(torch.float32) / 127.5 - 1.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        x = pixels_to_float(torch.from_numpy(np.ascontiguousarray(rows)))
         return x, (None if self.labels is None else self.labels[idx])
 
 
@@ -344,7 +369,7 @@ def _latent_stats(a, path):
     return stats.mean, stats.std
 
 
-class LatentData(_Dataset):
+class LatentData(LatentNorm, _Dataset):
     """Precomputed latents (N, C, H, W), normalized per channel as in EDM2 / sCM:
 
         x = (latent - mean_c) / std_c * sigma_d
@@ -373,9 +398,7 @@ class LatentData(_Dataset):
                 raise ValueError(f"LatentData({path}): {name} must be finite in every channel, got {t.tolist()}")
         if not bool((s > 0).all()):
             raise ValueError(f"LatentData({path}): std must be > 0 in every channel, got {s.tolist()}")
-        self.sigma_d, self.is_latent = float(sigma_d), True
-        self._m64, self._s64 = m.view(1, c, 1, 1), s.view(1, c, 1, 1)
-        self.mean, self.std = m.to(torch.float32), s.to(torch.float32)
+        self.set_stats(m, s, sigma_d)
         peak = np.max([np.abs(chunk.astype(np.float64) - self._m64.numpy()).max(axis=(0, 2, 3))
                        for _, chunk in _chunks(a)], axis=0)  # (C,)
         if not bool(torch.isfinite((torch.from_numpy(peak) / s * self.sigma_d).to(torch.float32)).all()):
@@ -388,15 +411,8 @@ class LatentData(_Dataset):
     def get_batch(self, indices):
         """indices LongTensor (b,) -> (x float32 (b, C, H, W) normalized, labels int64 (b,) or None)."""
         idx = self._check_indices(indices)
-        lat = torch.from_numpy(np.ascontiguousarray(self._latents[idx.numpy()])).to(torch.float64)
-        x = ((lat - self._m64) / self._s64 * self.sigma_d).to(torch.float32)
+        x = self.normalize(torch.from_numpy(np.ascontiguousarray(self._latents[idx.numpy()])))
         return x, (None if self.labels is None else self.labels[idx])
-
-    def denormalize(self, x):
-        """Normalized x (..., C, H, W) -> latents: x / sigma_d * std_c + mean_c."""
-        view = (-1, 1, 1)
-        m, s = (t.to(device=x.device, dtype=x.dtype).view(view) for t in (self.mean, self.std))
-        return x / self.sigma_d * s + m
 
 
 # ----------------------------------------------------------------------------- image folders

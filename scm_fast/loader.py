@@ -131,8 +131,11 @@ class BatchLoader:
         sampler's next batch."""
         idx = self.sampler.next()
         if self.workers == 0:
-            batch = (*self.dataset.get_batch(idx), self.dataset.get_extra(idx))
-            return torch.utils.data._utils.pin_memory.pin_memory(batch) if self.pin_memory else batch
+            x, labels = self.dataset.get_batch(idx)
+            extra = self.dataset.get_extra(idx)
+            if self.pin_memory:
+                x, extra = x.pin_memory(), {k: v.pin_memory() for k, v in extra.items()}
+            return x, labels, extra
         if self._it is None:
             self._it = self._start()
         got, x, labels, extra = next(self._it)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scm_fast import data, shards
+from scm_fast import data, images, shards
 
 
 def _cond_arrays(path, rows, what):
@@ -73,7 +73,7 @@ def _x_dtype(args):
 def _to_stored(x, dtype):
     """Images in [-1, 1] -> uint8 (round((x + 1) * 127.5), exact for uint8 sources) or floats."""
     if dtype == np.uint8:
-        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        return images.to_uint8(x).transpose(0, 3, 1, 2)
     return x.numpy().astype(dtype)
 
 

@@ -84,7 +84,7 @@ def _open_key(root, key, spec, shards):
     return rows
 
 
-class ShardedData(data._Dataset):
+class ShardedData(data.LatentNorm, data._Dataset):
     """A dataset folder (module docstring): get_batch -> (x, labels) as every dataset, get_extra -> the
     conditioning tensors {key: (b, ...)}. Images: uint8 -> x / 127.5 - 1, float as [-1, 1]; latents:
     (x - mean_c) / std_c * sigma_d (statistics from the index)."""
@@ -114,13 +114,7 @@ class ShardedData(data._Dataset):
         if any(s.size != c or not np.isfinite(s).all() for s in stats) or not (stats[1] > 0).all():
             raise _bad(self.root, f"latents need \"mean\" and \"std\" with {c} finite values (std > 0), got "
                                   f"{index.get('mean')!r} and {index.get('std')!r}")
-        self._m64, self._s64 = (torch.from_numpy(s).view(1, c, 1, 1) for s in stats)
-        self.mean, self.std = (torch.from_numpy(s).to(torch.float32) for s in stats)
-
-    def denormalize(self, x):
-        """Normalized x (..., C, H, W) -> latents: x / sigma_d * std_c + mean_c."""
-        m, s = (t.to(device=x.device, dtype=x.dtype).view(-1, 1, 1) for t in (self.mean, self.std))
-        return x / self.sigma_d * s + m
+        self.set_stats(*(torch.from_numpy(s) for s in stats), self.sigma_d)
 
     def _read(self, key, idx):
         """Rows `idx` (int64 numpy) of `key` from their shards, in order; float rows checked finite."""
@@ -141,12 +135,7 @@ class ShardedData(data._Dataset):
         """indices LongTensor (b,) -> (x float32 (b, C, H, W), labels int64 (b,) or None)."""
         idx = self._check_indices(indices).numpy()
         x = torch.from_numpy(self._read("x", idx))
-        if self.is_latent:
-            x = ((x.to(torch.float64) - self._m64) / self._s64 * self.sigma_d).to(torch.float32)
-        elif x.dtype == torch.uint8:
-            x = x.to(torch.float32) / 127.5 - 1.0
-        else:
-            x = x.to(torch.float32)
+        x = self.normalize(x) if self.is_latent else data.pixels_to_float(x)
         labels = torch.from_numpy(self._read("labels", idx)).to(torch.int64) if self._num_classes else None
         return x, labels
 
