@@ -19,7 +19,8 @@ import textwrap
 from dataclasses import dataclass, field, fields
 
 OBJECTIVES = ("diffusion", "sct", "scd", "meanflow")
-ARCHS = ("dit", "unet")
+ARCHS = ("dit", "unet", "diffusers")
+PREDICTIONS = ("auto", "flow", "epsilon", "v_prediction", "edm")
 OPTIMIZERS = ("radam", "adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "isqrt")
@@ -34,7 +35,7 @@ HELP_WIDTH = 100  # docs/train-help.txt is the help at this width, whatever the 
 RESUME_FREE = ("run_dir", "allow_change", "total_kimg", "sample_every_kimg", "ckpt_every_kimg", "log_every",
                "progress", "tensorboard", "eval_n", "threads", "workers", "vae", "keep_ckpts", "device")
 # ... never these (the checkpoint's tensors would not fit, or the run would silently become another one) ...
-RESUME_NEVER = ("objective", "arch", "model", "patch", "img_size", "class_cond", "adaptive_weight", "ema",
+RESUME_NEVER = ("objective", "arch", "model", "patch", "prediction", "time_scale", "img_size", "class_cond", "adaptive_weight", "ema",
                 "ema_sigma_rels", "ema_halflife_kimg", "ema_rampup", "optimizer", "parallel")
 # ... and any other field only when --allow-change names it.
 
@@ -77,10 +78,21 @@ class TrainConfig:
     class_cond: bool = _option(True, "condition the network on the data's class labels when it has them; off: "
                                "unconditional")
     # model
-    arch: str = _option("dit", "the network: dit (a DiT transformer on patches) or unet (EDM2-layout U-Net)",
+    arch: str = _option("dit", "the network: dit (a DiT transformer on patches), unet (EDM2-layout U-Net), or "
+                        "diffusers (a pretrained diffusers transformer / UNet from the folder --model)",
                         choices=ARCHS)
     model: str = _option("digits", "the network's size preset: for dit tiny, digits, S, B, L, XL, XXL; for unet "
-                         "tiny, S, M, L, XL, XXL", metavar="NAME")
+                         "tiny, S, M, L, XL, XXL; for diffusers a local model or pipeline folder written by "
+                         "save_pretrained (its transformer/ or unet/; weights when it has them, else a random init) "
+                         "or, with --dry-run, a config.json", metavar="NAME_OR_PATH")
+    prediction: str = _option("auto", "--arch diffusers: what the model predicts: flow (rectified flow velocity), "
+                              "epsilon, v_prediction (DDPM schedule from the pipeline's scheduler/), edm; auto = "
+                              "read from the scheduler config beside the model (flow for flow-era transformers)",
+                              choices=PREDICTIONS)
+    time_scale: float = _option(0.0, "--arch diffusers, flow models: timestep = time_scale * s (s in [0, 1]); 0 = "
+                                "the model's own convention (1000, or 1 for Flux / Qwen-Image); smaller values are "
+                                "SANA-Sprint's denser time conditioning (fine-tune the teacher on it first with "
+                                "--objective diffusion)", ge=0)
     patch: int = _option(0, "DiT patch size in pixels; 0 = 2 (1 for images below 8 px or of odd size)", ge=0)
     dropout: float = _option(0.0, "U-Net dropout probability in its residual blocks (the DiT has no dropout)",
                              ge=0, lt=1)
@@ -91,7 +103,8 @@ class TrainConfig:
                              "scd (consistency distillation from --teacher), meanflow (MeanFlow)",
                              choices=OBJECTIVES)
     teacher: str = _option("", "sCD: the TrigFlow diffusion teacher, its run directory or a checkpoint "
-                           "directory; it also initialises the student unless --init is given [P §5.1]",
+                           "directory, or (--arch diffusers) a diffusers model / pipeline folder; it also "
+                           "initialises the student unless --init is given [P §5.1]",
                            metavar="RUN_OR_CKPT")
     init: str = _option("", "a run directory or checkpoint to initialise the network's weights from (layers it "
                         "lacks keep their init); '' = random (sCD: the teacher's weights)", metavar="RUN_OR_CKPT")
@@ -327,6 +340,11 @@ def validate(cfg, for_run=True):
         raise ValueError("--ema-sigma-rels needs at least one value with --ema power")
     if for_run and cfg.objective == "scd" and not cfg.teacher:
         raise ValueError("--objective scd needs --teacher RUN_DIR_OR_CHECKPOINT (a TrigFlow diffusion teacher)")
+    if cfg.arch == "diffusers" and cfg.model in ("digits", ""):
+        raise ValueError("--arch diffusers needs --model PATH (a local diffusers model or pipeline folder written by "
+                         "save_pretrained)")
+    if cfg.arch == "diffusers" and cfg.objective == "meanflow":
+        raise ValueError("--objective meanflow needs a second time input: use --arch dit or unet")
     if cfg.lr_schedule == "isqrt" and cfg.lr_ref_kimg <= 0:
         raise ValueError("--lr-schedule isqrt needs --lr-ref-kimg > 0 (t_ref in kimg)")
     if for_run and not cfg.data:

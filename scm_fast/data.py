@@ -34,6 +34,7 @@ class _Dataset:
 
     kind = "dataset"
     cond_keys = ()  # names of the per-sample conditioning tensors of get_extra (shards.ShardedData)
+    null_cond = {}  # {key: (1, ...)}: the null / negative conditioning of classifier-free guidance
     is_latent = False  # latents (normalized per channel; denormalize() maps back), not pixels
 
     def get_extra(self, indices):

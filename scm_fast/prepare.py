@@ -13,7 +13,9 @@ of arrays with one row per sample (--cond) or per class label (--cond-per-class)
 embedded by a local transformers text encoder (--text-encoder with --captions or --class-captions:
 encoder_hidden_states, encoder_attention_mask and, where the model pools, pooled_projections, in
 float16 / uint8); each array becomes a key that reaches the network as a keyword argument of its
-name. OUT must not exist or be empty.
+name. The null conditioning that classifier-free guidance and label dropout use is --null (an .npz
+of one sample per key) or, with --text-encoder, the embedding of --null-caption (default: the
+empty caption). OUT must not exist or be empty.
 """
 import argparse
 import sys
@@ -66,6 +68,17 @@ def _captions(args, ds):
     return TextEncoder(args.text_encoder, args.device, args.max_length or None), captions
 
 
+def _null(args, text):
+    """{key: one sample} of the null conditioning: --null's arrays, else the text encoder's embedding of
+    --null-caption; {} when there is neither."""
+    if args.null:
+        return _cond_arrays(args.null, 1, "--null")  # (1, ...) or (...): ShardWriter checks the size
+    if text is None:
+        return {}
+    emb = text.encode([args.null_caption])
+    return {k: v[0].numpy().astype(np.float16 if v.is_floating_point() else np.uint8) for k, v in emb.items()}
+
+
 def _x_dtype(args):
     return np.dtype(args.x_dtype or ("float16" if args.vae else "uint8"))
 
@@ -88,6 +101,7 @@ def prepare(args, log=print):
     if per_class and not ds.num_classes:
         raise ValueError(f"--cond-per-class {args.cond_per_class}: {args.src} has no class labels")
     text, captions = _captions(args, ds)
+    null = _null(args, text)
     vae = None
     if args.vae:
         from scm_fast.vae import VAE  # noqa: PLC0415 - imports diffusers
@@ -111,7 +125,7 @@ def prepare(args, log=print):
             emb = text.encode([captions[i] for i in rows])
             batch.update({k: v.numpy().astype(np.float16 if v.is_floating_point() else np.uint8) for k, v in emb.items()})
         writer.add(**batch)
-    root = writer.close(**({} if stats is None else dict(mean=stats.mean, std=stats.std)))
+    root = writer.close(null=null, **({} if stats is None else dict(mean=stats.mean, std=stats.std)))
     log(f"{root}: {len(ds)} samples of {'latents' if vae else 'images'} {tuple(batch['x'].shape[1:])} "
         f"{dtype.name}, keys {sorted(batch)}")
     return root
@@ -139,6 +153,10 @@ def build_parser():
                                                            "captions of --captions / --class-captions")
     ap.add_argument("--captions", metavar="TXT", help="one caption per line, one line per sample of SRC")
     ap.add_argument("--class-captions", metavar="TXT", help="one caption per line, one line per class label")
+    ap.add_argument("--null", metavar="NPZ", help="the null / negative conditioning for classifier-free guidance: "
+                                                  "one sample per key (same keys as --cond / --cond-per-class)")
+    ap.add_argument("--null-caption", default="", help="with --text-encoder: the caption whose embedding is the "
+                                                       "null conditioning (default: the empty caption)")
     ap.add_argument("--max-length", type=int, default=0, help="tokens per caption; 0 = the tokenizer's "
                                                               "model_max_length (at most 512)")
     ap.add_argument("--batch", type=int, default=64, help="samples read (and encoded) at a time")

@@ -9,10 +9,13 @@ and the experiments):
     checkpoints/ckpt-<step>/   one crash-safe checkpoint (scm_fast.checkpoint: MANIFEST.json, atomic commit)
         model.safetensors        the network's weights, plus the weight head's as `logvar.<name>`
         ema-<name>.safetensors   one per EMA the run keeps (halflife-10k, power-0.050, ...)
-        meta.pt                  {config, shape, num_classes, ema_names, step, cur_nimg, world_size}
+        meta.pt                  {config, shape, num_classes, ema_names, step, cur_nimg, world_size, cond_keys,
+                                  diffusers: the DiffusersSpec of --arch diffusers runs}
         state.pt                 counters, loss scale, data position, noise generator (+ optimizer and
                                  EMA state for replicated runs)
         rng-rank<R>.pt           torch's RNG state of rank R
+    diffusers/           --arch diffusers: the student's first EMA as a diffusers model (save_pretrained,
+                         scm_fast.models.diffusers_export)
         dcp/, ema-state-rank<R>.pt   FSDP2 runs: sharded weights + optimizer, each rank's EMA shards
 """
 from pathlib import Path
@@ -91,7 +94,7 @@ def load_run(path, ema=None, device="cpu"):
     ckpt = resolve_checkpoint(path)
     cfg, meta = read_meta(ckpt)
     weights, stem = read_weights(ckpt, meta, ema)
-    net = build_network(cfg, tuple(meta["shape"]), meta["num_classes"])
+    net = build_network(cfg, tuple(meta["shape"]), meta["num_classes"], meta.get("diffusers"))
     load_weights(net, weights, ckpt / f"{stem}.safetensors")
     return net.to(device).eval().requires_grad_(False), cfg, {**meta, "checkpoint": str(ckpt), "weights": stem}
 

@@ -40,14 +40,19 @@ def class_labels(n, num_classes, device="cpu"):
     return None if not num_classes else torch.arange(n, device=device) % num_classes
 
 
-def network_fn(net, cfg, labels, guidance, precision="fp32"):
-    """F(x_in, t) with the run's conditioning: class labels, the sCD student's guidance input, or
-    the teacher's classifier-free guidance F_u + s (F_c - F_u) (objective 'diffusion')."""
-    def F(x_in, t, labels=labels, **extra):
-        cond = {} if labels is None else {"labels": labels}
-        with autocast(x_in.device.type, precision):
-            return net(x_in, t, **cond, **extra).float()
+def network_fn(net, cfg, labels, guidance, precision="fp32", cond=None):
+    """F(x_in, t) with the run's conditioning: class labels, the dataset's conditioning tensors
+    `cond`, the sCD student's guidance input, or the teacher's classifier-free guidance
+    F_u + s (F_c - F_u) (objective 'diffusion')."""
+    fixed = dict(cond or {})
 
+    def F(x_in, t, labels=labels, **extra):
+        kw = dict(fixed, **({} if labels is None else {"labels": labels}))
+        with autocast(x_in.device.type, precision):
+            return net(x_in, t, **kw, **extra).float()
+
+    if cfg.objective == "diffusion" and getattr(net, "guidance_input", False):  # guidance-distilled teacher
+        return lambda x_in, t: F(x_in, t, guidance=torch.full_like(t, guidance))
     if cfg.objective == "scd":
         return lambda x_in, t: F(x_in, t, guidance=torch.full_like(t, guidance))
     if cfg.objective == "diffusion" and labels is not None:
@@ -57,10 +62,10 @@ def network_fn(net, cfg, labels, guidance, precision="fp32"):
 
 
 def generate(net, cfg, shape, n, steps=None, guidance=None, labels=None, times=None, seed=0, batch=500,
-             device="cpu"):
+             device="cpu", cond=None):
     """n images (n, C, H, W) in data space. steps: consistency / MeanFlow steps, or the teacher's
     ODE steps (default 18, NFE 35); guidance: the sCD student's s or the teacher's CFG scale
-    (default cfg.sample_guidance)."""
+    (default cfg.sample_guidance); cond: {key: (n, ...)} conditioning tensors."""
     guidance = cfg.sample_guidance if guidance is None else guidance
     gen = torch.Generator(device).manual_seed(seed)
     out = []
@@ -68,7 +73,8 @@ def generate(net, cfg, shape, n, steps=None, guidance=None, labels=None, times=N
         b = min(batch, n - i)
         lab = None if labels is None else labels[i:i + b].to(device)
         noise = torch.randn((b, *shape), generator=gen, device=device)
-        F = network_fn(net, cfg, lab, guidance, cfg.precision)
+        c = {k: v[i:i + b].to(device) for k, v in (cond or {}).items()}
+        F = network_fn(net, cfg, lab, guidance, cfg.precision, c)
         out.append(_sample(F, cfg, noise, steps, times, gen))
     return torch.cat(out)
 
@@ -111,6 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="sCD student's s / teacher CFG scale")
     p.add_argument("--label", type=int, default=None, help="one class for all images (default: cycle)")
     p.add_argument("--ema", type=str, default=None, help="EMA name, or 'none' for the raw weights")
+    p.add_argument("--cond", default=None, help="an .npz of the network's conditioning inputs (--arch diffusers: "
+                   "encoder_hidden_states, pooled_projections, ...), one row per image or one row for all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outdir", required=True)
     p.add_argument("--device", default="auto")
@@ -137,12 +145,39 @@ def main(argv=None):
     if args.label is not None and not 0 <= args.label < max(K, 1):
         raise SystemExit(f"--label must be in [0, {K}) for this run, got {args.label}")
     labels = class_labels(args.n, K) if args.label is None or not K else torch.full((args.n,), args.label)
-    x = generate(net, cfg, shape, args.n, args.steps, args.guidance, labels, args.times, args.seed, device=device)
+    if cfg.arch == "diffusers" and labels is not None:
+        labels = torch.zeros_like(labels)  # labels there only mark null-conditioned rows (-1)
+    cond = read_cond(args.cond, meta.get("cond_keys", []), args.n)
+    x = generate(net, cfg, shape, args.n, args.steps, args.guidance, labels, args.times, args.seed, device=device,
+                 cond=cond)
     write_outputs(Path(args.outdir), x.clamp(-1, 1).cpu(), labels)
     info = dict(checkpoint=meta["checkpoint"], weights=meta["weights"], n=args.n, steps=args.steps,
                 times=args.times, guidance=args.guidance, seed=args.seed)
     (Path(args.outdir) / "sample.json").write_text(json.dumps(info, indent=2))
     print(f"wrote {args.n} samples to {args.outdir}/ (grid.png, images/, samples.npz)")
+
+
+def read_cond(path, keys, n):
+    """{key: (n, ...)} from an .npz of conditioning arrays (n rows, or 1 broadcast); SystemExit naming
+    --cond when the run needs keys the file lacks, or rows do not fit."""
+    if path is None:
+        if keys:
+            raise SystemExit(f"--cond: this run's network takes the conditioning {keys}; pass an .npz with them "
+                             f"(e.g. rows of the training dataset's keys)")
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise SystemExit(f"--cond {path}: lacks {missing} (has {sorted(arrays)}); the run was trained with {keys}")
+    out = {}
+    for k in keys:
+        a = torch.from_numpy(arrays[k])
+        if len(a) not in (1, n):
+            raise SystemExit(f"--cond {path}: {k!r} has {len(a)} rows; expected 1 or --n ({n})")
+        out[k] = (a.expand(n, *a.shape[1:]) if len(a) == 1 else a).float() if a.is_floating_point() else \
+            (a.expand(n, *a.shape[1:]) if len(a) == 1 else a)
+    return out
 
 
 def write_outputs(outdir, x, labels):

@@ -8,7 +8,12 @@
                                                 "labels": {"shape": [], "dtype": "int64"},
                                                 "encoder_hidden_states": {"shape": [L, D], "dtype": "float16"}, ...},
      "shards": [{"num_samples": n_0, "files": {"x": "x-00000.npy", ...}}, ...],
-     "mean": [C floats], "std": [C floats]}   (latents: the per-channel statistics of x)
+     "mean": [C floats], "std": [C floats],   (latents: the per-channel statistics of x)
+     "null": {"encoder_hidden_states": "null-encoder_hidden_states.npy", ...}}   (optional)
+
+`null` names, per conditioning key, one sample's worth (shape as in "keys") of the null / negative
+conditioning: what classifier-free guidance runs the teacher's unconditional F with, and what label
+dropout trains a teacher on.
 
 `x` holds the images (uint8 in [0, 255] or float in [-1, 1]) or the latents; `labels` the class labels;
 every other key is per-sample conditioning that reaches the network as a keyword argument of that
@@ -107,6 +112,26 @@ class ShardedData(data.LatentNorm, data._Dataset):
             self._stats(index)
         self._num_classes = int(index.get("num_classes", 0)) if "labels" in keys else 0
         self.cond_keys = tuple(k for k in keys if k not in ("x", "labels"))
+        self.null_cond = self._null(index.get("null", {}), keys)
+
+    def _null(self, files, keys):
+        """{key: tensor (1, ...)} of the index's "null" files, each checked against its key's spec."""
+        if not isinstance(files, dict) or set(files) - set(self.cond_keys):
+            raise _bad(self.root, f"\"null\" must map conditioning keys {list(self.cond_keys)} to .npy files, got "
+                                  f"{files!r}")
+        out = {}
+        for key, name in files.items():
+            path = self.root / name
+            try:
+                a = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{path}: the null conditioning of key {key!r} cannot be read ({err})") from None
+            spec = keys[key]
+            if list(a.shape) != list(spec["shape"]) or a.dtype != np.dtype(spec["dtype"]):
+                raise ValueError(f"{path}: the null {key!r} must be {spec['dtype']} {tuple(spec['shape'])} (one "
+                                 f"sample), got {a.dtype} {a.shape}")
+            out[key] = torch.from_numpy(a[None].copy())
+        return out
 
     def _stats(self, index):
         c = self._shape[0]
@@ -179,8 +204,9 @@ class ShardWriter:
             self._pending[k] = [a[count:]] if len(a) > count else []
         self._shards.append({"num_samples": count, "files": files})
 
-    def close(self, mean=None, std=None):
-        """Write the last shard and dataset.json (latents: mean, std per channel of x); -> the root."""
+    def close(self, mean=None, std=None, null=None):
+        """Write the last shard and dataset.json (latents: mean, std per channel of x; null: {key: one
+        sample of the null conditioning}); -> the root."""
         rest = sum(map(len, self._pending.get("x", [])))
         if rest:
             self._flush(rest)
@@ -191,7 +217,25 @@ class ShardWriter:
                  "keys": self._specs, "shards": self._shards}
         if self.kind == "latents":
             index.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+        if null:
+            index["null"] = self._write_null(null)
         tmp = self.root / (INDEX + ".tmp")
         tmp.write_text(json.dumps(index, indent=1))
         tmp.replace(self.root / INDEX)
         return self.root
+
+    def _write_null(self, null):
+        files = {}
+        for key, a in null.items():
+            spec = self._specs.get(key)
+            a = np.asarray(a.numpy() if isinstance(a, torch.Tensor) else a)
+            if key in ("x", "labels") or spec is None:
+                raise ValueError(f"null conditioning for {key!r}: not a conditioning key of this dataset "
+                                 f"({[k for k in self._specs if k not in ('x', 'labels')]})")
+            a = a.reshape(spec["shape"]).astype(spec["dtype"]) if a.size == np.prod(spec["shape"]) else a
+            if list(a.shape) != spec["shape"]:
+                raise ValueError(f"null conditioning for {key!r}: expected one sample of shape {tuple(spec['shape'])}, "
+                                 f"got {a.shape}")
+            files[key] = f"null-{key}.npy"
+            np.save(self.root / files[key], np.ascontiguousarray(a))
+        return files

@@ -14,9 +14,19 @@ __all__ = ["PRESETS", "UNET_PRESETS", "AdaptiveWeight", "ConditionEmbedding", "D
            "UNet", "UNetConfig", "build_network", "dit_config", "positional", "unet_config", "use_pytorch_ops"]
 
 
-def build_network(cfg, shape, num_classes):
+def build_network(cfg, shape, num_classes, spec=None):
     """The network F_theta(x_in, t, labels, guidance, r) a TrainConfig describes, for data of
-    shape (C, H, W) with num_classes classes (0: unconditional)."""
+    shape (C, H, W) with num_classes classes (0: unconditional). --arch diffusers: the model of
+    `spec` (a DiffusersSpec or its dict, as checkpoints keep it; None: read from cfg.model) with a
+    random init."""
+    if cfg.arch == "diffusers":
+        from scm_fast.models import diffusers_net  # noqa: PLC0415 - imports diffusers
+        if spec is None:
+            spec = diffusers_net.read_spec(cfg.model, cfg.prediction, cfg.time_scale)
+        elif isinstance(spec, dict):
+            spec = diffusers_net.spec_from_dict(spec)
+        diffusers_net.check_shape(spec, shape, f"--model {cfg.model}")
+        return diffusers_net.build(spec, guidance_embed=cfg.objective == "scd", sigma_d=cfg.sigma_d)
     C, H, W = shape
     if H != W:
         raise ValueError(f"images must be square, got {H}x{W} (pass --img-size to resize)")

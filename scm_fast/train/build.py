@@ -3,7 +3,8 @@ head), the parallel wrappers, the optimizer, the loss scaler, the EMA, the data 
 Everything the step reads or changes is one `Parts`; CheckpointIO saves and restores it."""
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ class Parts:
     gen: trigflow.BatchGenerator
     scm_cfg: objectives.SCMConfig
     params: list                      # what the optimizer steps: the network's parameters, then the head's
+    spec: Any = None                  # --arch diffusers: the DiffusersSpec (kept in each checkpoint's meta)
 
 
 class LossScaler:
@@ -99,10 +101,35 @@ def _load(flag, path, device):
         raise RunError(f"--{flag} {path}: {err}") from None
 
 
-def load_teacher(cfg, shape, device, log):
+def _is_diffusers_folder(path):
+    from scm_fast.models import diffusers_net  # noqa: PLC0415
+    try:
+        diffusers_net.model_folder(path, "--teacher")
+    except ValueError:
+        return False
+    return not (Path(path) / runs.CHECKPOINTS).is_dir()
+
+
+def diffusers_teacher(cfg, ds, device, log):
+    """(a diffusers model folder's TrigFlow network, frozen; a TrainConfig of it as a diffusion teacher)."""
+    from scm_fast.models import diffusers_net  # noqa: PLC0415
+    try:
+        spec = diffusers_net.read_spec(cfg.teacher, cfg.prediction, cfg.time_scale, flag="--teacher")
+        spec.null_cond = dict(ds.null_cond)
+        diffusers_net.check_shape(spec, ds.shape, f"--teacher {cfg.teacher}")
+        net = diffusers_net.load_pretrained(diffusers_net.build(spec, sigma_d=cfg.sigma_d), cfg.teacher, "--teacher")
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    log(f"teacher: {cfg.teacher} ({spec.class_name}, {diffusers_net.time_steps_hint(spec)})")
+    return net.to(device).eval().requires_grad_(False), replace(cfg, objective="diffusion")
+
+
+def load_teacher(cfg, shape, device, log, ds=None):
     """sCD: (the TrigFlow teacher's network, its TrainConfig); (None, None) otherwise."""
     if cfg.objective != "scd":
         return None, None
+    if cfg.arch == "diffusers" and _is_diffusers_folder(cfg.teacher):
+        return diffusers_teacher(cfg, ds, device, log)
     net, tcfg, meta = _load("teacher", cfg.teacher, device)
     if tcfg.objective != "diffusion":
         raise RunError(f"--teacher {cfg.teacher}: a TrigFlow diffusion teacher is needed, "
@@ -206,23 +233,71 @@ def check_cond_keys(net, cfg, ds):
     """The dataset's conditioning keys must be keyword arguments of the network's forward: RunError
     naming the keys and what the network takes otherwise."""
     params = inspect.signature(net.forward).parameters
-    if not ds.cond_keys or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+    takes = list(getattr(net, "cond_inputs", ()))  # a diffusers model: its forward's inputs
+    if not ds.cond_keys or (not takes and any(p.kind == p.VAR_KEYWORD for p in params.values())):
         return
-    missing = [k for k in ds.cond_keys if k not in params]
+    takes = takes or [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
+    missing = [k for k in ds.cond_keys if k not in takes]
     if missing:
-        takes = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)][2:]
         raise RunError(f"--data {cfg.data}: the per-sample conditioning {missing} is not an input of --arch "
                        f"{cfg.arch} (its forward takes {takes} beside x and t); drop those keys from the "
                        f"dataset or train a network that takes them")
+
+
+def diffusers_spec(cfg, ds, log):
+    """--arch diffusers: (the DiffusersSpec of --model with the data's null conditioning, the number of
+    'classes'). Labels there only mark rows for the null conditioning (-1: CFG's F_u, label dropout), so
+    data with a null conditioning but no labels counts one class."""
+    from scm_fast.models import diffusers_net  # noqa: PLC0415
+    try:
+        spec = diffusers_net.read_spec(cfg.model, cfg.prediction, cfg.time_scale)
+        diffusers_net.check_shape(spec, ds.shape, f"--data {cfg.data} with --model {cfg.model}")
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    spec.null_cond = dict(ds.null_cond)
+    num_classes = (ds.num_classes or 1) if cfg.class_cond and ds.null_cond else 0
+    log(f"network: {spec.class_name} from {cfg.model}: {diffusers_net.time_steps_hint(spec)}; " +
+        (f"null conditioning {sorted(ds.null_cond)} for classifier-free guidance" if ds.null_cond else
+         "no null conditioning in the data (no label dropout, no classifier-free guidance)"))
+    return spec, num_classes
+
+
+def pretrained_weights(net, cfg, teacher, log):
+    """--arch diffusers: the student starts from --model's weights (sCT, diffusion) when the folder has
+    them; an sCD student from its teacher (init_weights), which must be the same model."""
+    from scm_fast.models import diffusers_net  # noqa: PLC0415
+    if teacher is not None:
+        t, s = teacher.spec, net.spec
+        if (t.class_name, t.config, t.kind, t.time_scale) != (s.class_name, s.config, s.kind, s.time_scale):
+            diff = [k for k in t.config if t.config.get(k) != s.config.get(k) and not k.startswith("_")]
+            raise RunError(f"--teacher {cfg.teacher} is {t.class_name} ({t.kind}, time scale {t.time_scale:g}) and "
+                           f"--model {cfg.model} is {s.class_name} ({s.kind}, time scale {s.time_scale:g})"
+                           f"{'; configs differ in ' + str(diff[:5]) if diff else ''}: an sCD student starts from "
+                           f"its teacher, so give --model the teacher's config")
+        return
+    folder = diffusers_net.model_folder(cfg.model)
+    if cfg.init or not any(folder.glob(diffusers_net.WEIGHTS + "*")):
+        log(f"--model {cfg.model}: {'--init weights' if cfg.init else 'no weights in the folder, a random init'}")
+        return
+    try:
+        diffusers_net.load_pretrained(net, cfg.model)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    log(f"initialised from --model {cfg.model}")
 
 
 def build_parts(cfg, proc, log, ds):
     """Every part of the run, in a fixed order (the random init follows cfg.seed on every rank)."""
     num_classes = ds.num_classes if cfg.class_cond else 0
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    raw_net = build_network(cfg, ds.shape, num_classes).to(proc.device)
+    spec = None
+    if cfg.arch == "diffusers":
+        spec, num_classes = diffusers_spec(cfg, ds, log)
+    raw_net = build_network(cfg, ds.shape, num_classes, spec).to(proc.device)
     check_cond_keys(raw_net, cfg, ds)
-    teacher, teacher_cfg = load_teacher(cfg, ds.shape, proc.device, log)
+    teacher, teacher_cfg = load_teacher(cfg, ds.shape, proc.device, log, ds)
+    if spec is not None:
+        pretrained_weights(raw_net, cfg, teacher, log)
     init_weights(raw_net, cfg, teacher, proc.device, log)
     raw_logvar = weight_head(cfg, ds.shape, proc.device, log)
     n_params = sum(p.numel() for p in raw_net.parameters())
@@ -242,7 +317,7 @@ def build_parts(cfg, proc, log, ds):
                          half_life_kimg=cfg.ema_halflife_kimg, rampup_ratio=cfg.ema_rampup or None),
         sampler=sampler, loader=loader.BatchLoader(ds, sampler, cfg.workers, pin_memory=proc.device.type == "cuda"),
         gen=trigflow.BatchGenerator(cfg.seed + 1, proc.rank, proc.world, proc.device),
-        scm_cfg=config.scm_config(cfg), params=params)
+        scm_cfg=config.scm_config(cfg), params=params, spec=spec)
     if cfg.act_ckpt and cfg.one_pass:
         log("act_ckpt: the gradient pass is checkpointed, so the step runs two-pass "
             "(no-grad JVP pass, then a checkpointed forward with grad)")

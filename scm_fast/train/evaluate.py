@@ -5,6 +5,8 @@ MeanFlow in 1 and 2 steps [P §5.2]. The FD (digits only) scores --eval-n sample
 and sampling seed = training seed + 1 in the digits classifier's features (scm_fast.eval)."""
 import json
 
+import torch
+
 from scm_fast import images, runs, sample
 from scm_fast.models import build_network
 from scm_fast.train.distributed import full_like_params, full_state
@@ -15,6 +17,21 @@ def sample_settings(objective):
     if objective == "diffusion":
         return [("heun-nfe35", 18)]
     return [("1step", 1), ("2step", 2)]
+
+
+def grid_cond(ds, labels, n, scan=4096):
+    """{key: (n, ...)} conditioning for n samples: per label, that of the first of the dataset's first
+    `scan` samples with the label (class-level conditioning, as digits with class embeddings); without
+    labels, that of the dataset's first n samples. None when the data has no conditioning keys."""
+    if not ds.cond_keys:
+        return None
+    if labels is None or not ds.num_classes:
+        idx = torch.arange(n) % len(ds)
+    else:
+        seen = ds.get_batch(torch.arange(min(scan, len(ds))))[1]
+        first = {int(k): int((seen == k).nonzero()[0]) for k in seen.unique()}
+        idx = torch.tensor([first.get(int(k), 0) for k in labels.cpu()])
+    return ds.get_extra(idx)
 
 
 class Evaluator:
@@ -31,15 +48,18 @@ class Evaluator:
             weights = full_state(parts.raw_net)
         if self.proc.rank != 0:
             return None
-        net = build_network(self.cfg, parts.data.shape, parts.num_classes).to(self.proc.device)
+        net = build_network(self.cfg, parts.data.shape, parts.num_classes, parts.spec).to(self.proc.device)
         runs.load_weights(net, weights, "the run's weights")
         return net.eval().requires_grad_(False)
 
     def _generate(self, net, parts, n, steps, seed, decode=False):
         """n samples in [-1, 1] (b, C, H, W); decode: latent samples through --vae to images."""
         labels = sample.class_labels(n, parts.num_classes, self.proc.device)
+        cond = grid_cond(parts.data, labels, n)
+        if cond and parts.data.num_classes == 0 and labels is not None:
+            labels = torch.zeros_like(labels)
         x = sample.generate(net, self.cfg, parts.data.shape, n, steps, labels=labels, seed=seed,
-                            device=self.proc.device)
+                            device=self.proc.device, cond=cond)
         if decode and self.cfg.vae and parts.data.is_latent:
             if self._vae is None:
                 from scm_fast.vae import VAE  # noqa: PLC0415 - imports diffusers
@@ -79,8 +99,21 @@ class Evaluator:
         self.proc.barrier()
         return results
 
+    def export(self, parts):
+        """--arch diffusers: RUN/diffusers/ from the first EMA (scm_fast.models.diffusers_export; collective)."""
+        net = self.sampling_net(parts)
+        if net is not None:
+            from scm_fast.models import diffusers_export  # noqa: PLC0415
+            times = [t for _, steps in sample_settings(self.cfg.objective) if self.cfg.objective != "diffusion"
+                     for t in [sample.consistency_times(steps, self.cfg.sigma_d, self.cfg.t_mid)]]
+            out = diffusers_export.export(net, self.run_dir / "diffusers", self.cfg, times or None)
+            self.log(f"diffusers: {out} (save_pretrained of the first EMA)")
+        self.proc.barrier()
+
     def finish(self, parts):
-        """Final grids and FD; eval.json."""
+        """Final grids and FD; eval.json; RUN/diffusers/ for --arch diffusers."""
+        if parts.spec is not None:
+            self.export(parts)
         paths = self.sample_grids(parts, "final")
         results = self.evaluate(parts)
         if self.proc.rank == 0:

@@ -74,7 +74,8 @@ class CheckpointIO:
     def _meta(self, parts, counters):
         return {"config": self.cfg.to_dict(), "shape": list(parts.data.shape), "num_classes": parts.num_classes,
                 "ema_names": _ema_names(parts), "step": counters.step, "cur_nimg": counters.cur_nimg,
-                "world_size": self.proc.world}
+                "world_size": self.proc.world, "cond_keys": list(parts.data.cond_keys),
+                **({"diffusers": parts.spec.to_dict()} if parts.spec is not None else {})}
 
     def _state(self, parts, counters):
         state = {"step": counters.step, "cur_nimg": counters.cur_nimg, "skipped": counters.skipped,

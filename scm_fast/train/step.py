@@ -47,6 +47,8 @@ def _teacher_fn(parts, cfg, conditional):
     """sCD: the teacher's F, with classifier-free guidance at the per-sample s for a conditional
     teacher (F_cfg = F_u + s (F_c - F_u) [P §5.1]); an unconditional one ignores s (only the student sees it)."""
     F_teacher = sample.network_fn(parts.teacher, parts.teacher_cfg, None, 1.0, cfg.precision)
+    if getattr(parts.teacher, "guidance_input", False):  # guidance-distilled (Flux.1-dev): s is its input
+        return F_teacher
     if conditional:
         return trigflow.cfg(F_teacher)
 
@@ -76,6 +78,8 @@ def loss(parts, cfg, step, x0, labels, extra=None):
 
 def next_batch(parts, device):
     x0, labels, extra = parts.loader.next()
+    if labels is None and parts.num_classes:  # --arch diffusers: data without labels, with a null conditioning
+        labels = torch.zeros(len(x0), dtype=torch.long)
     labels = None if labels is None or not parts.num_classes else labels.to(device, non_blocking=True)
     return x0.to(device, non_blocking=True), labels, {k: v.to(device, non_blocking=True) for k, v in extra.items()}
 
