@@ -274,6 +274,18 @@ class DiffusersNet(torch.nn.Module):
             torch.nn.init.zeros_(self.guidance.mlp[-1].weight)
             torch.nn.init.zeros_(self.guidance.mlp[-1].bias)
 
+    def example_cond(self, batch, text_len=512, device=None):
+        """Zero conditioning inputs of the sizes the config names (--dry-run's activation measurement)."""
+        c = self.spec.config
+        dim = next((c[k] for k in ("joint_attention_dim", "text_dim", "cross_attention_dim", "caption_channels")
+                    if c.get(k)), None)
+        out = {}
+        if dim and "encoder_hidden_states" in self.cond_inputs:
+            out["encoder_hidden_states"] = torch.zeros(batch, text_len, int(dim), device=device)
+        if c.get("pooled_projection_dim") and "pooled_projections" in self.cond_inputs:
+            out["pooled_projections"] = torch.zeros(batch, int(c["pooled_projection_dim"]), device=device)
+        return out
+
     def repeated_blocks(self):
         """The model's transformer / UNet blocks: FSDP2 and activation-checkpointing units."""
         blocks = []

@@ -11,6 +11,7 @@ from scm_fast.precision import autocast_dtype
 from scm_fast.train import build
 from scm_fast.train.distributed import block_modules
 
+TEXT_LEN = 512  # --arch diffusers: caption tokens in the activation estimate (T5-XXL's usual length)
 # the paper's data sets (shape, classes) for presets whose --data is not on this machine
 _PAPER_DATA = {"cifar10": ((3, 32, 32), 10), "imagenet64": ((3, 64, 64), 1000), "imagenet512": ((4, 64, 64), 1000)}
 
@@ -26,6 +27,9 @@ def dry_run(cfg, world_size):
     act, block_inputs = saved_activation_bytes(build_net, shape, K, cfg)
     parts = estimate_memory(cfg, n_params, act, block_inputs, len(block_modules(net)), world_size)
     print(config.dumps(cfg))
+    if cfg.arch == "diffusers":
+        print(f"--arch diffusers: activations measured with {TEXT_LEN} caption tokens; the sCD teacher counted "
+              f"in fp32 (a bf16 teacher halves it)")
     print(f"data shape {shape}, {K} classes; network {cfg.arch} {cfg.model}: {n_params:,} parameters "
           f"({n_params / 1e6:.1f} M)")
     print(f"estimated memory per device, world size {world_size}, {cfg.parallel}, {cfg.precision}, batch "
@@ -71,6 +75,12 @@ def format_bytes(n):
 
 
 def _data_shape(cfg):
+    if cfg.arch == "diffusers" and (not cfg.data or cfg.data == "digits" or not Path(cfg.data).exists()):
+        from scm_fast.models import diffusers_net  # noqa: PLC0415
+        spec = diffusers_net.read_spec(cfg.model, cfg.prediction, cfg.time_scale)
+        side = cfg.img_size or spec.config.get("sample_size") or 128
+        side = side[-1] if isinstance(side, (list, tuple)) else side
+        return (diffusers_net.input_channels(spec), side, side), 0
     family = cfg.preset.split("-")[0]
     if cfg.data == "digits":
         return (1, cfg.img_size or 8, cfg.img_size or 8), 10
@@ -92,10 +102,13 @@ def saved_activation_bytes(build_net, shape, num_classes, cfg):
         net = build_net()
         for b in (1, 2):
             saved, inputs = [0], [0]
-            hooks = [m.register_forward_pre_hook(lambda _m, a: inputs.__setitem__(0, inputs[0] + _nbytes(a[0])))
+            hooks = [m.register_forward_pre_hook(lambda _m, a, kw: inputs.__setitem__(0, inputs[0] + _first(a, kw)),
+                                                 with_kwargs=True)
                      for m in block_modules(net)]
             x, t = torch.empty(b, *shape), torch.full((b,), 0.5)
             kw = {"labels": torch.zeros(b, dtype=torch.long)} if num_classes else {}
+            if hasattr(net, "example_cond"):  # a diffusers model: its text inputs at a T5-like length
+                kw.update(net.example_cond(b, text_len=TEXT_LEN))
             if cfg.objective == "scd":
                 kw["guidance"] = torch.ones(b)
             with torch.autograd.graph.saved_tensors_hooks(
@@ -106,6 +119,12 @@ def saved_activation_bytes(build_net, shape, num_classes, cfg):
                 h.remove()
             counts.append((saved[0], inputs[0]))
     return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
+
+
+def _first(args, kwargs):
+    """Bytes of a block's first input (diffusers blocks take hidden_states by keyword)."""
+    first = args[0] if args else next(iter(kwargs.values()), None)
+    return _nbytes(first)
 
 
 def _nbytes(t):
