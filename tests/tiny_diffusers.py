@@ -8,33 +8,33 @@ import torch
 TEXT_LEN, TEXT_DIM, POOLED_DIM = 5, 16, 8
 
 
-def sd3():
+def sd3(channels=4):
     import diffusers
     return diffusers.SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, out_channels=4,
+        sample_size=8, patch_size=2, in_channels=channels, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, out_channels=channels,
         pos_embed_max_size=8, qk_norm="rms_norm")
 
 
-def flux():
+def flux(channels=4):
     import diffusers
     return diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        patch_size=1, in_channels=4 * channels, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
 
 
-def wan():
+def wan(channels=4):
     import diffusers
     return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=channels, out_channels=channels,
         text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
 
-def unet():
+def unet(channels=4):
     import diffusers
     return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=4, norm_num_groups=8)
 
@@ -55,10 +55,10 @@ def scheduler(family):
     return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
 
 
-def save_pipeline_folder(family, root, seed=0):
+def save_pipeline_folder(family, root, seed=0, channels=4):
     """root/transformer (or unet)/ + root/scheduler/ as a pipeline folder would hold them -> root."""
     torch.manual_seed(seed)
-    model = FAMILIES[family]()
+    model = FAMILIES[family](channels)
     sub = "unet" if family == "unet" else "transformer"
     model.save_pretrained(root / sub)
     scheduler(family).save_pretrained(root / "scheduler")
@@ -73,6 +73,22 @@ def cond(family, batch, generator=None):
     if "pooled_projections" in COND_KEYS[family]:
         out["pooled_projections"] = torch.randn(batch, POOLED_DIM, generator=g)
     return out
+
+
+def digits_dataset(root, pooled=True):
+    """The embedded digits as a dataset folder with a random embedding per class as
+    encoder_hidden_states (and pooled_projections) and zeros as the null conditioning -> root."""
+    import numpy as np
+    from scm_fast import prepare
+    g = np.random.default_rng(0)
+    emb = {"encoder_hidden_states": g.standard_normal((10, TEXT_LEN, TEXT_DIM)).astype(np.float32)}
+    if pooled:
+        emb["pooled_projections"] = g.standard_normal((10, POOLED_DIM)).astype(np.float32)
+    np.savez(root.parent / f"{root.name}-emb.npz", **emb)
+    np.savez(root.parent / f"{root.name}-null.npz", **{k: np.zeros((1, *v.shape[1:]), np.float32) for k, v in emb.items()})
+    assert prepare.main(["digits", str(root), "--cond-per-class", str(root.parent / f"{root.name}-emb.npz"),
+                         "--null", str(root.parent / f"{root.name}-null.npz")]) == 0
+    return root
 
 
 # Public configs (the config.json of each model's transformer/ folder on the Hugging Face hub).
