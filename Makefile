@@ -1,5 +1,6 @@
 # make train      the embedded default: sCT on digits (CPU, a few minutes), sample grids and FD in runs/digits-sct
 # make reproduce  the paper's claims on digits: teacher, sCD, sCT (+ablations), FD tables and plots -> docs/results.md (<= 60 min)
+# make distill-demo  a diffusers SD3 transformer trained on digits, then distilled with sCD (--arch diffusers; <= 15 min)
 # make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
 # make test-slow  the larger cases too
 # make bench      CPU benchmarks (fused attention JVP and adaptive norm vs PyTorch) and the GPU kernel build report
@@ -10,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scm_fast-installed
 
-.PHONY: install train reproduce test test-slow bench report asan gpu-check clean
+.PHONY: install train distill-demo reproduce test test-slow bench report asan gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,9 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(PY) -m scm_fast.train $(ARGS)
+
+distill-demo: $(STAMP)
+	$(PY) examples/distill_demo.py $(ARGS)
 
 reproduce: $(STAMP)
 	$(PY) -m pip install -q matplotlib

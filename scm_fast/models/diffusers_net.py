@@ -21,6 +21,7 @@ has one, else an added embedding of s (zero-initialised, so the student starts a
 summed into the model's time embedding. Rows whose label is -1 get the dataset's null conditioning
 (classifier-free guidance, label dropout).
 """
+import contextlib
 import inspect
 import json
 from dataclasses import asdict, dataclass, field
@@ -234,6 +235,7 @@ class DiffusersNet(torch.nn.Module):
         self.cond_inputs = tuple(n for n in params if n not in ("hidden_states", "sample", "timestep", "return_dict"))
         self.guidance_input = "guidance" in params and bool(spec.config.get("guidance_embeds"))
         self._guidance_now = None
+        self.fused_attention = True  # False: PyTorch's SDPA as the model has it (benchmarks' two-pass baseline)
         if guidance_embed and not self.guidance_input:
             name, target = _time_embedding(model)
             self.guidance = ScalarEmbedding(target.linear_2.out_features)
@@ -311,7 +313,7 @@ class DiffusersNet(torch.nn.Module):
             h, kw = _pack(h, kw)
         self._guidance_now = None if self.guidance_input else guidance
         try:
-            with patch_sdpa():
+            with patch_sdpa() if self.fused_attention else contextlib.nullcontext():
                 out = self.model(h, timestep=timestep, return_dict=False, **kw)[0]
         finally:
             self._guidance_now = None
