@@ -141,7 +141,7 @@ def sd3_worker(spec, device):
     method = spec["method"]
     torch.manual_seed(0)
     net, teacher, cond = sd3_parts(spec, device)
-    scm = objectives.SCMConfig(one_pass=method == "fused", tangent_warmup=0)
+    scm = objectives.SCMConfig(one_pass=method == "fused", tangent_warmup=0, guidance_input=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     x0 = torch.randn(spec["batch"], spec["channels"], spec["img"], spec["img"],
                      generator=torch.Generator().manual_seed(1)).to(device)
