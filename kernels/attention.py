@@ -365,11 +365,14 @@ def _attn_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
             delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
-            sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
+            # (BLOCK_N, BLOCK_M), as q K^T with the forward's operand order: the same rounding of s
+            sT = tl.trans(tl.dot(tl.trans(qT), tl.trans(k), input_precision=INPUT_PRECISION)) * tau
             validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL)
             mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
             sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-            pT = tl.exp(sT - lse[None, :])  # s as the forward rounded it (the select keeps it unfused)
+            # s as the forward rounded it (the select keeps it unfused); p <= 1 exactly, so the exponent is
+            # clamped at 0: a transposed dot that rounds s above the forward's (logits ~1e9) cannot overflow
+            pT = tl.exp(tl.minimum(sT - lse[None, :], 0.0))
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
             dsT = pT * (dpT - delta[None, :])
@@ -431,7 +434,7 @@ def _attn_bwd_dq_kernel(
         valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
         mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-        p = tl.exp(s - lse[:, None])
+        p = tl.exp(tl.minimum(s - lse[:, None], 0.0))  # p <= 1 (see the dk/dv kernel)
         dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)

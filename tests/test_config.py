@@ -126,7 +126,7 @@ def test_bounds_come_from_the_fields_and_show_in_the_help():
 def test_model_help_names_the_network_presets():
     from scm_fast.models import PRESETS as DIT_PRESETS, UNET_PRESETS
     sentence = next(f for f in fields(config.TrainConfig) if f.name == "model").metadata["help"]
-    dit, unet = sentence.split("for dit ")[1].split("; for unet ")
+    dit, unet = sentence.split("for dit ")[1].split("; for diffusers ")[0].split("; for unet ")
     assert dit.split(", ") == list(DIT_PRESETS) and unet.split(", ") == list(UNET_PRESETS)
 
 

@@ -185,6 +185,7 @@ def test_scd_from_a_diffusers_teacher(scd_run, teacher_run):
     assert moved > 1e-4
 
 
+@pytest.mark.slow
 def test_scd_resume_is_bit_exact(scd_run, tmp_path, digits, student_folder, teacher_run):
     d = tmp_path / "r"
     args = [*COMMON, "--model", str(student_folder), "--teacher", str(teacher_run / "diffusers"), "--objective", "scd",
@@ -196,6 +197,7 @@ def test_scd_resume_is_bit_exact(scd_run, tmp_path, digits, student_folder, teac
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_fsdp2_two_ranks_equal_one(scd_run, tmp_path, digits, student_folder, teacher_run):
     """FSDP2 fully_shard per SD3 block on 2 gloo ranks follows the 1-rank run."""
     d = tmp_path / "fsdp"
@@ -222,7 +224,8 @@ def test_sample_cli_with_cond(scd_run, digits, tmp_path):
     assert p.returncode != 0 and "--cond" in p.stderr and "encoder_hidden_states" in p.stderr, _tail(p)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", pytest.param("wan", marks=pytest.mark.slow),
+@pytest.mark.parametrize("family", ["sd3", pytest.param("flux", marks=pytest.mark.slow),
+                                    pytest.param("wan", marks=pytest.mark.slow),
                                     pytest.param("unet", marks=pytest.mark.slow)])
 def test_sct_on_each_family(family, tmp_path, digits, digits_text_only):
     """sCT from a pretrained folder of each family runs and its loss stays finite (Flux: packed
@@ -231,9 +234,8 @@ def test_sct_on_each_family(family, tmp_path, digits, digits_text_only):
     steps (measured: flat within 1% over 80 steps); their learning shows in FD (make distill-demo)."""
     folder = td.save_pipeline_folder(family, tmp_path / family, channels=1)
     data = digits if family in ("sd3", "flux") else digits_text_only
-    extra = ["--act-ckpt"] if family == "sd3" else []  # activation checkpointing per SD3 block
     run([*COMMON, "--model", str(folder), "--objective", "sct", "--data", str(data), "--run-dir",
-         str(tmp_path / "run"), *steps(3), *extra])
+         str(tmp_path / "run"), *steps(3)])
     assert all(np.isfinite([r["loss"] for r in stats(tmp_path / "run")]))
     assert f"initialised from --model {folder}" in log_text(tmp_path / "run")
 
@@ -246,6 +248,7 @@ def _fails(args, *needles):
         assert n in p.stderr, _tail(p)
 
 
+@pytest.mark.slow
 def test_error_not_a_diffusers_folder(tmp_path, digits):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text(json.dumps({"_class_name": "CLIPTextModel"}))
@@ -253,9 +256,15 @@ def test_error_not_a_diffusers_folder(tmp_path, digits):
            f"--model {tmp_path / 'x'}: not a diffusers model folder")
 
 
+@pytest.mark.slow
 def test_error_unknown_prediction(tmp_path, digits, student_folder):
     _fails([*COMMON, "--model", str(student_folder), "--prediction", "x0", "--data", str(digits)],
            "--prediction: invalid choice: 'x0'")
+
+
+def test_error_act_ckpt_is_refused(tmp_path, digits, student_folder):
+    _fails([*COMMON, "--model", str(student_folder), "--objective", "sct", "--data", str(digits), "--act-ckpt",
+            "--run-dir", str(tmp_path / "r")], "--act-ckpt is not supported with --arch diffusers yet")
 
 
 def test_error_cond_key_the_model_does_not_take(tmp_path, digits):
@@ -265,6 +274,7 @@ def test_error_cond_key_the_model_does_not_take(tmp_path, digits):
            "['pooled_projections'] is not an input", "encoder_hidden_states")
 
 
+@pytest.mark.slow
 def test_error_teacher_student_mismatch(tmp_path, digits, teacher_run):
     other = tmp_path / "other"
     torch.manual_seed(0)
@@ -285,7 +295,7 @@ def test_error_epsilon_without_a_schedule(tmp_path, digits, student_folder):
 
 
 # ---- real sizes from configs alone ------------------------------------------------------------
-@pytest.mark.parametrize("name,billions", [("FLUX1_DEV", 11.90), pytest.param("SD35_LARGE", 8.06, marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,billions", [pytest.param("FLUX1_DEV", 11.90, marks=pytest.mark.slow), pytest.param("SD35_LARGE", 8.06, marks=pytest.mark.slow),
                                            pytest.param("WAN21_14B", 14.32, marks=pytest.mark.slow)])
 def test_dry_run_of_public_configs(name, billions, tmp_path):
     cfg = tmp_path / name / "config.json"
