@@ -365,8 +365,7 @@ def _attn_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
             delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
-            # (BLOCK_N, BLOCK_M), as q K^T with the forward's operand order: the same rounding of s
-            sT = tl.trans(tl.dot(tl.trans(qT), tl.trans(k), input_precision=INPUT_PRECISION)) * tau
+            sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
             validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL)
             mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
             sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
