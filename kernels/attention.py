@@ -326,9 +326,10 @@ def _attn_bwd_dkdv_kernel(
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_AS_FWD: tl.constexpr,
 ):
-    """One key block of one key head: dK, dV summed over its GROUP query heads."""
+    """One key block of one key head: dK, dV summed over its GROUP query heads. S_AS_FWD (the
+    interpreter) recomputes s^T in the forward's operand order (q K^T, then transposed)."""
     start_n = tl.program_id(0)
     off_bhk = tl.program_id(1)
     HK = H // GROUP
@@ -365,12 +366,19 @@ def _attn_bwd_dkdv_kernel(
                 do = do.to(tl.float32)
             lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
             delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
-            sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
+            # p = exp(s - lse) needs s rounded as the forward rounded it: at logits ~1e9 one ulp is 64.
+            # A tensor-core mma sums the d products of K Q^T in the order it sums those of Q K^T; numpy's
+            # BLAS (the interpreter's dot) does not, so there the forward's order is kept. On the GPU
+            # that transpose is a shared-memory round trip that spills (kernel_report: 8-48 B, NOTES.md).
+            if S_AS_FWD:
+                sT = tl.trans(tl.dot(tl.trans(qT), tl.trans(k), input_precision=INPUT_PRECISION)) * tau
+            else:
+                sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
             validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL)
             mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
             sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-            # s as the forward rounded it (the select keeps it unfused); p <= 1 exactly, so the exponent is
-            # clamped at 0: a transposed dot that rounds s above the forward's (logits ~1e9) cannot overflow
+            # p <= 1 exactly, so the exponent is clamped at 0: an s rounded above the forward's cannot
+            # overflow (the select keeps s unfused)
             pT = tl.exp(tl.minimum(sT - lse[None, :], 0.0))
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -636,7 +644,7 @@ def attention_bwd(do, q, k, v, o, lse, mask, causal, scale):
             q, k, v, do, mask_t, lse, delta, dk, dv,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *mask_strides,
             *_strides3(dk), *_strides3(dv), H, group, Lq, Lk, D, DV, scale,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+            BLOCK_M=bm, BLOCK_N=bn, S_AS_FWD=INTERPRET, num_warps=warps, num_stages=stages, **common)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
