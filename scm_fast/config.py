@@ -343,9 +343,6 @@ def validate(cfg, for_run=True):
     if cfg.arch == "diffusers" and cfg.model in ("digits", ""):
         raise ValueError("--arch diffusers needs --model PATH (a local diffusers model or pipeline folder written by "
                          "save_pretrained)")
-    if for_run and cfg.arch == "diffusers" and cfg.act_ckpt:
-        raise ValueError("--act-ckpt is not supported with --arch diffusers yet (the recomputed blocks run outside "
-                         "the fused attention patch); drop it, or use --parallel fsdp to shard the memory")
     if cfg.arch == "diffusers" and cfg.objective == "meanflow":
         raise ValueError("--objective meanflow needs a second time input: use --arch dit or unet")
     if cfg.lr_schedule == "isqrt" and cfg.lr_ref_kimg <= 0:

@@ -15,7 +15,7 @@ and each family's input layout: images (B, C, H, W) as they are; Flux packs 2x2 
 with their position ids; video models (Wan, HunyuanVideo, ...) see an image as a 1-frame video.
 
 sCM needs (scm-reference.md §4): the time embedding in fp32 (every TimestepEmbedding runs with
-autocast off), the attention through scm_fast's fused op under torch.func.jvp (patch_sdpa around
+autocast off; GroupNorms too, which PyTorch's autocast breaks under torch.func.jvp), the attention through scm_fast's fused op under torch.func.jvp (patch_sdpa around
 each call), and for sCD a guidance-conditioned student: Flux's own `guidance` input when the model
 has one, else an added embedding of s (zero-initialised, so the student starts as the teacher)
 summed into the model's time embedding. Rows whose label is -1 get the dataset's null conditioning
@@ -204,6 +204,28 @@ def _fp32_time_embedding(model):
     return names
 
 
+class FP32GroupNorm(torch.nn.GroupNorm):
+    """GroupNorm in fp32 with autocast off, the output in the input's dtype. Under autocast, PyTorch's
+    group_norm inside torch.func.jvp mixes a bf16/fp16 input with its fp32 statistics and fails
+    ("expected scalar type Float but found BFloat16", UNet2DCondition's ResNet blocks); outside a
+    transform autocast would run it in fp32 anyway. Swapped in by class, so the state dict is unchanged."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            w, b = (None if p is None else p.float() for p in (self.weight, self.bias))
+            return torch.nn.functional.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def _fp32_group_norms(model):
+    """Every plain GroupNorm of `model` as FP32GroupNorm -> how many."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is torch.nn.GroupNorm:
+            mod.__class__ = FP32GroupNorm
+            n += 1
+    return n
+
+
 _FP32_CLASSES = {}
 
 
@@ -214,6 +236,42 @@ def _fp32_class(base):
                 return base.forward(self, sample.to(self.linear_1.weight.dtype), *args, **kwargs)
         _FP32_CLASSES[base] = type(f"FP32{base.__name__}", (base, FP32TimestepEmbedding), {"forward": forward})
     return _FP32_CLASSES[base]
+
+
+class FP32OutputLinear(torch.nn.Linear):
+    """A Linear whose output is returned in fp32 (its matmul as autocast runs it)."""
+
+    def forward(self, x):
+        return super().forward(x).float()
+
+
+def _cast_to_autocast_dtype(_module, args, kwargs):
+    device = "cuda" if torch.is_autocast_enabled("cuda") else "cpu"
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda h: h.to(dtype) if torch.is_tensor(h) and h.is_floating_point() else h  # noqa: E731
+    if "hidden_states" in kwargs:
+        return args, dict(kwargs, hidden_states=cast(kwargs["hidden_states"]))
+    return (cast(args[0]), *args[1:]) if args else None, kwargs
+
+
+def _timestep_kept_fp32(model):
+    """Flux, Qwen-Image, Chroma, ... cast the timestep to the dtype of their embedded input
+    (`timestep.to(hidden_states.dtype)`): under bf16 autocast s ~ 0.98 rounds by 0.004, 4 of Flux's
+    1000 timestep units, and the tangent through the time embedding was 12% off fp32 (measured on the
+    tiny Flux at t = 1.55). The input embedder's output is kept in fp32 for that cast, and cast to the
+    autocast dtype again where the first block reads it (the residual stream as the model has it)."""
+    if "timestep.to(hidden_states.dtype)" not in inspect.getsource(type(model).forward):
+        return None
+    name = next((n for n in ("x_embedder", "img_in") if type(getattr(model, n, None)) is torch.nn.Linear), None)
+    lists = [getattr(model, b, None) for b in BLOCK_LISTS]
+    first = next((m[0] for m in lists if isinstance(m, torch.nn.ModuleList) and len(m)), None)
+    if name is None or first is None:
+        return None
+    getattr(model, name).__class__ = FP32OutputLinear
+    first.register_forward_pre_hook(_cast_to_autocast_dtype, with_kwargs=True)
+    return name
 
 
 def _time_embedding(model):
@@ -231,6 +289,8 @@ class DiffusersNet(torch.nn.Module):
         super().__init__()
         self.model, self.spec, self.sigma_d = model, spec, float(sigma_d)
         _fp32_time_embedding(model)
+        _fp32_group_norms(model)
+        _timestep_kept_fp32(model)
         params = inspect.signature(model.forward).parameters
         self.cond_inputs = tuple(n for n in params if n not in ("hidden_states", "sample", "timestep", "return_dict"))
         self.guidance_input = "guidance" in params and bool(spec.config.get("guidance_embeds"))
@@ -287,6 +347,12 @@ class DiffusersNet(torch.nn.Module):
         if c.get("pooled_projection_dim") and "pooled_projections" in self.cond_inputs:
             out["pooled_projections"] = torch.zeros(batch, int(c["pooled_projection_dim"]), device=device)
         return out
+
+    def recompute_context(self):
+        """The context a checkpointed block's recompute runs in (during backward, outside raw()): the
+        attention patch again, so the recompute rounds as the forward did."""
+        from scm_fast.interop import patch_sdpa  # noqa: PLC0415
+        return patch_sdpa() if self.fused_attention else contextlib.nullcontext()
 
     def repeated_blocks(self):
         """The model's transformer / UNet blocks: FSDP2 and activation-checkpointing units."""

@@ -1,5 +1,6 @@
 """Processes, devices and the parallel wrappers: DDP (default) or FSDP2 (`--parallel fsdp`), gloo on
 CPU and nccl on CUDA, activation checkpointing, and full (gathered) tensors for saving and sampling."""
+import contextlib
 import os
 
 import torch
@@ -73,14 +74,18 @@ def block_modules(net):
 
 
 def checkpoint_blocks(net):
-    """Activation checkpointing (non-reentrant) of every block in passes that record a graph."""
+    """Activation checkpointing (non-reentrant) of every block in passes that record a graph. The
+    recompute runs in the network's `recompute_context()` where it has one (a diffusers model's
+    attention patch, which the backward is outside of)."""
     from torch.utils.checkpoint import checkpoint as ckpt
+    recompute = getattr(net, "recompute_context", None)
+    kw = {} if recompute is None else {"context_fn": lambda: (contextlib.nullcontext(), recompute())}
     for block in block_modules(net):
         inner = block.forward
 
         def forward(*args, _inner=inner, **kwargs):
             if torch.is_grad_enabled():
-                return ckpt(_inner, *args, use_reentrant=False, **kwargs)
+                return ckpt(_inner, *args, use_reentrant=False, **kw, **kwargs)
             return _inner(*args, **kwargs)
         block.forward = forward
 

@@ -47,10 +47,12 @@ class RunLog:
                "loss_per_t": s["loss_per_t"], "grad_norm": s["grad_norm"], "grad_norm_logvar": s["grad_norm_logvar"],
                "lr": s["lr"], "images_per_s": images_per_s, "skipped": counters.skipped, "loss_scale": loss_scale,
                "memory_mib": memory_mib(device), "time": time.time()}
+        if "g_norm" in s:  # sCT / sCD
+            rec["g_norm"] = s["g_norm"]
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
-            for k in STATS_KEYS:
+            for k in STATS_KEYS + ("g_norm",) * ("g_norm" in rec):
                 self.tb.add_scalar(k, rec[k], counters.cur_nimg)
 
     def truncate_stats(self, step):

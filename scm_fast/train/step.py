@@ -126,19 +126,27 @@ def train_step(parts, cfg, proc, counters, faults, log):
 
 
 def reduce_stats(value, stats, objective, faults, proc):
-    """Global mean loss, per-time-bucket losses and the stop flag, in one all-reduce."""
+    """Global mean loss, per-time-bucket losses, the stop flag and (sCT/sCD) the mean ||g|| before
+    tangent normalization, in one all-reduce. With g normalized the loss stays near ||g_n||^2 / dim
+    whatever the network does; ||g|| is the consistency residual the training drives down."""
     edges = LOSS_BUCKETS["meanflow" if objective == "meanflow" else "trigflow"]
     t, err = stats["t"].double(), stats["err"].double()
+    g_norm = stats.get("g_norm")
     buckets = [((t >= lo) & (t < hi)) for lo, hi in zip(edges[:-1], edges[1:])]
     signalled = float(faults.signal_received is not None)
-    vals = [value.detach().double().reshape(()), torch.tensor(signalled, dtype=torch.float64)]
+    vals = [value.detach().double().reshape(()), torch.tensor(signalled, dtype=torch.float64),
+            torch.tensor(0.0, dtype=torch.float64) if g_norm is None else g_norm.double().sum(),
+            torch.tensor(float(len(t)), dtype=torch.float64)]
     vals += [err[m].sum() for m in buckets] + [m.sum().double() for m in buckets]
     packed = proc.all_sum(torch.stack([v.cpu() for v in vals]).to(proc.device)).cpu()
     n = len(buckets)
     faults.stop_agreed = bool(packed[1] > 0)
-    per_bucket = {f"{lo:g}-{hi:g}": (packed[2 + i] / packed[2 + n + i]).item() if packed[2 + n + i] > 0
+    per_bucket = {f"{lo:g}-{hi:g}": (packed[4 + i] / packed[4 + n + i]).item() if packed[4 + n + i] > 0
                   else None for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))}
-    return {"loss": (packed[0] / proc.world).item(), "loss_per_t": per_bucket}
+    out = {"loss": (packed[0] / proc.world).item(), "loss_per_t": per_bucket}
+    if g_norm is not None:
+        out["g_norm"] = (packed[2] / packed[3]).item()
+    return out
 
 
 def unscale_and_clip(parts, grad_clip):
