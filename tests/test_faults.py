@@ -43,7 +43,7 @@ def _assert_same_run(ref, got):
 
 
 # ---- kill -9 anywhere in the checkpoint path, then resume -----------------------------------------
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_kill_at_a_random_checkpoint_operation_then_resume_bit_exact(reference, tmp_path, seed):
     n = random.Random(seed).randint(1, 60)  # 8 checkpoints x ~9 file operations (writes, manifest, renames, prunes)
     d = tmp_path / "run"
@@ -164,7 +164,8 @@ def half(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags, field", [
-    (["--lr", "0.01"], "lr"), (["--seed", "1"], "seed"), (["--preset", "digits-teacher", "--model", "tiny"], "preset")])
+    (["--lr", "0.01"], "lr"), pytest.param(["--seed", "1"], "seed", marks=pytest.mark.slow),
+    pytest.param(["--preset", "digits-teacher", "--model", "tiny"], "preset", marks=pytest.mark.slow)])
 def test_a_changed_config_is_refused_with_the_fields_and_then_allowed(half, tmp_path, flags, field):
     import shutil
     d = tmp_path / "run"

@@ -42,6 +42,7 @@ def _untrained_2step_fd(job):
     return reproduce.fd_scores(net, cfg, tuple(meta["shape"]), meta["num_classes"], 500, (("2step", 2),))["2step"]["fd"]
 
 
+@pytest.mark.slow  # 127 s; CI keeps `make test` under 15 min (the every-configuration test is slow too)
 def test_quick_scd_beats_the_untrained_network_and_stays_finite(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "docs"
     _, summary = _reproduce(runs, out, "--runs", "scd")

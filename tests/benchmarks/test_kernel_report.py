@@ -34,6 +34,7 @@ def _check(rows, defaults_only, arch):
             assert row["tc"] != "-", row
 
 
+@pytest.mark.slow  # CI runs `make report`, which compiles every shipped config for both
 @pytest.mark.parametrize("arch", [80, 90])
 def test_default_configs_compile(arch):
     _check(kernel_report.report(dtypes=("bf16",), archs=(arch,), defaults_only=True), True, arch)
