@@ -15,8 +15,8 @@ and each family's input layout: images (B, C, H, W) as they are; Flux packs 2x2 
 with their position ids; video models (Wan, HunyuanVideo, ...) see an image as a 1-frame video.
 
 sCM needs (scm-reference.md §4): the time embedding in fp32 (every TimestepEmbedding runs with
-autocast off; GroupNorms too, which PyTorch's autocast breaks under torch.func.jvp), the attention through scm_fast's fused op under torch.func.jvp (patch_sdpa around
-each call), and for sCD a guidance-conditioned student: Flux's own `guidance` input when the model
+autocast off; GroupNorms too, which PyTorch's autocast breaks under torch.func.jvp), the attention
+through scm_fast's fused op under torch.func.jvp (patch_sdpa around each call), and for sCD a guidance-conditioned student: Flux's own `guidance` input when the model
 has one, else an added embedding of s (zero-initialised, so the student starts as the teacher)
 summed into the model's time embedding. Rows whose label is -1 get the dataset's null conditioning
 (classifier-free guidance, label dropout).
@@ -217,13 +217,10 @@ class FP32GroupNorm(torch.nn.GroupNorm):
 
 
 def _fp32_group_norms(model):
-    """Every plain GroupNorm of `model` as FP32GroupNorm -> how many."""
-    n = 0
+    """Every plain GroupNorm of `model` as FP32GroupNorm."""
     for mod in model.modules():
         if type(mod) is torch.nn.GroupNorm:
             mod.__class__ = FP32GroupNorm
-            n += 1
-    return n
 
 
 _FP32_CLASSES = {}
@@ -263,15 +260,13 @@ def _timestep_kept_fp32(model):
     tiny Flux at t = 1.55). The input embedder's output is kept in fp32 for that cast, and cast to the
     autocast dtype again where the first block reads it (the residual stream as the model has it)."""
     if "timestep.to(hidden_states.dtype)" not in inspect.getsource(type(model).forward):
-        return None
+        return
     name = next((n for n in ("x_embedder", "img_in") if type(getattr(model, n, None)) is torch.nn.Linear), None)
     lists = [getattr(model, b, None) for b in BLOCK_LISTS]
     first = next((m[0] for m in lists if isinstance(m, torch.nn.ModuleList) and len(m)), None)
-    if name is None or first is None:
-        return None
-    getattr(model, name).__class__ = FP32OutputLinear
-    first.register_forward_pre_hook(_cast_to_autocast_dtype, with_kwargs=True)
-    return name
+    if name is not None and first is not None:
+        getattr(model, name).__class__ = FP32OutputLinear
+        first.register_forward_pre_hook(_cast_to_autocast_dtype, with_kwargs=True)
 
 
 def _time_embedding(model):

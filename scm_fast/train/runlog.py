@@ -52,8 +52,9 @@ class RunLog:
         with open(self.run_dir / "stats.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
-            for k in STATS_KEYS + ("g_norm",) * ("g_norm" in rec):
-                self.tb.add_scalar(k, rec[k], counters.cur_nimg)
+            for k in (*STATS_KEYS, "g_norm"):
+                if k in rec:
+                    self.tb.add_scalar(k, rec[k], counters.cur_nimg)
 
     def truncate_stats(self, step):
         """Keep the stats records up to `step`, the step the run continues from (0 for a fresh start):

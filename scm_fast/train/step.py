@@ -135,17 +135,16 @@ def reduce_stats(value, stats, objective, faults, proc):
     buckets = [((t >= lo) & (t < hi)) for lo, hi in zip(edges[:-1], edges[1:])]
     signalled = float(faults.signal_received is not None)
     vals = [value.detach().double().reshape(()), torch.tensor(signalled, dtype=torch.float64),
-            torch.tensor(0.0, dtype=torch.float64) if g_norm is None else g_norm.double().sum(),
-            torch.tensor(float(len(t)), dtype=torch.float64)]
+            torch.tensor(0.0, dtype=torch.float64) if g_norm is None else g_norm.double().sum()]
     vals += [err[m].sum() for m in buckets] + [m.sum().double() for m in buckets]
     packed = proc.all_sum(torch.stack([v.cpu() for v in vals]).to(proc.device)).cpu()
     n = len(buckets)
     faults.stop_agreed = bool(packed[1] > 0)
-    per_bucket = {f"{lo:g}-{hi:g}": (packed[4 + i] / packed[4 + n + i]).item() if packed[4 + n + i] > 0
+    per_bucket = {f"{lo:g}-{hi:g}": (packed[3 + i] / packed[3 + n + i]).item() if packed[3 + n + i] > 0
                   else None for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))}
     out = {"loss": (packed[0] / proc.world).item(), "loss_per_t": per_bucket}
     if g_norm is not None:
-        out["g_norm"] = (packed[2] / packed[3]).item()
+        out["g_norm"] = (packed[2] / packed[3 + n:].sum()).item()  # the buckets count every sample
     return out
 
 
