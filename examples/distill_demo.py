@@ -9,8 +9,9 @@
    the TrigFlow conversion); RUN/diffusers/ is the teacher as a diffusers folder
 3. the student: --arch diffusers --objective scd --teacher RUN/diffusers (sCD with CFG from the
    null embedding, an added guidance embedding, s ~ U[1, 2] per sample)
-4. FD in the digits classifier's features of the teacher (Heun, 18 steps = NFE 35, CFG 1.5) and of
-   the student in 1 and 2 steps -> OUT/report.json
+4. FD in the digits classifier's features of the teacher (Heun, 18 steps = NFE 35, CFG 1.5), of the
+   teacher taken as a 1-step model (where the student starts) and of the student in 1 and 2 steps
+   -> OUT/report.json
 """
 import argparse
 import json
@@ -57,16 +58,22 @@ def train(*args):
     subprocess.run(cmd, check=True)
 
 
-def fd(run_dir, steps, n, seed=1):
-    """FD of n samples of a run (its first EMA) in the digits classifier's features."""
+def fd(run_dir, steps, n, seed=1, as_one_step=False):
+    """FD of n samples of a run (its first EMA) in the digits classifier's features. as_one_step: the
+    teacher taken as a 1-step consistency model with CFG (the sCD student before training)."""
     from scm_fast import eval as sfeval
-    from scm_fast import runs, sample, shards
+    from scm_fast import runs, sample, shards, trigflow
     from scm_fast.train.evaluate import grid_cond
     net, cfg, meta = runs.load_run(run_dir)
     ds = shards.ShardedData(cfg.data, cfg.sigma_d)
     labels = sample.class_labels(n, 10)
-    x = sample.generate(net, cfg, tuple(meta["shape"]), n, steps, labels=labels, seed=seed,
-                        cond=grid_cond(ds, labels, n))
+    cond = grid_cond(ds, labels, n)
+    if as_one_step:
+        noise = torch.randn((n, *meta["shape"]), generator=torch.Generator().manual_seed(seed))
+        F = sample.network_fn(net, cfg, labels, cfg.sample_guidance, cond=cond)
+        x = trigflow.consistency_sample(F, noise, sample.consistency_times(1, cfg.sigma_d), sigma_d=cfg.sigma_d)
+    else:
+        x = sample.generate(net, cfg, tuple(meta["shape"]), n, steps, labels=labels, seed=seed, cond=cond)
     return sfeval.evaluate(x.clamp(-1, 1), reference="digits")["fd"]
 
 
@@ -92,6 +99,7 @@ def main(argv=None):
           "--ema-halflife-kimg", "10")
     t_student = time.time() - start - t_teacher
     report = {"teacher_fd_heun_nfe35": fd(out / "teacher", 18, args.eval_n),
+              "teacher_fd_1step": fd(out / "teacher", 1, args.eval_n, as_one_step=True),
               "student_fd_1step": fd(out / "scd", 1, args.eval_n),
               "student_fd_2step": fd(out / "scd", 2, args.eval_n),
               "eval_n": args.eval_n, "teacher_train_s": round(t_teacher, 1), "student_train_s": round(t_student, 1),
