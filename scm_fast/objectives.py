@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from scm_fast import trigflow
+from scm_fast.ops import constant_tangents
 from scm_fast.precision import accumulation_dtype
 from scm_fast.trigflow import bcast
 
@@ -118,7 +119,8 @@ def _jvp_pass(F, x_in, t, tx, tt, cond, one_pass):
         return F(x_in, t, **cond)
 
     if one_pass:
-        out, tangent = torch.func.jvp(f, (x_in, t), (tx, tt))
+        with constant_tangents():  # detached below: no graph for it
+            out, tangent = torch.func.jvp(f, (x_in, t), (tx, tt))
         return out, tangent.detach()
     with torch.no_grad():
         _, tangent = torch.func.jvp(f, (x_in, t), (tx, tt))
@@ -206,7 +208,8 @@ def meanflow_loss(u, x0, cond=None, *, P_mean=-0.4, P_std=1.0, ratio_r_neq_t=0.2
 
     tangents = (v, torch.zeros_like(r), torch.ones_like(t))
     if one_pass:
-        out, dudt = torch.func.jvp(f, (z, r, t), tangents)
+        with constant_tangents():  # dudt enters the target detached
+            out, dudt = torch.func.jvp(f, (z, r, t), tangents)
     else:
         with torch.no_grad():
             _, dudt = torch.func.jvp(f, (z, r, t), tangents)

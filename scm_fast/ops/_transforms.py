@@ -1,4 +1,5 @@
-"""First derivatives only: the fused ops refuse second-order use with an error, never zeros.
+"""Which derivatives the fused ops give: first order, and second order through the tangent; any other
+second-order use raises an error, never zeros.
 
 The kernels give an output and its first derivatives: the backward (reverse mode) and the tangent
 (forward mode, in the same pass). sCM's one pass is exactly that: a forward under torch.func.jvp,
@@ -17,15 +18,22 @@ A double backward raises when the gradient is differentiated (a backward with cr
 alone is fine: torch.func.vjp's vjp_fn records one); a jvp of grad raises in the backward, whose
 tangents forward AD computes at once (a backward inside a dual level whose tangents went through the
 op raises even if the gradient's tangent is never read: run that backward after the jvp).
-First order, and allowed: torch.func.grad (or a backward) of a function that calls torch.func.jvp;
-the tangent the op returns is a constant for autograd (sCM's stop-gradient sg(.)).
-For second-order derivatives use the math references, attention_ref and adaptive_double_norm_ref:
-plain PyTorch ops, which autograd differentiates to any order.
+Allowed: torch.func.grad (or a backward) of a function that calls torch.func.jvp (or forward_ad,
+or attention_jvp). The primal output's gradient is the fused backward. The output TANGENT is
+differentiable too (reverse mode through the JVP output: Terminal Velocity Matching, MeanFlow
+variants), by autograd through the op's reference, recomputed in that backward
+(differentiable_tangent: O(reference) memory, differentiable again, so a double backward through the
+tangent works); sCM detaches its tangent (sg(.)) and never runs that backward.
+For the other second-order derivatives use the math references, attention_ref and
+adaptive_double_norm_ref: plain PyTorch ops, which autograd differentiates to any order.
 
 functorch runs an autograd.Function's setup_context once per transform level, each with its own ctx
 but the same non-tensor arguments: a `Uses` passed as one is how a jvp at one level and a backward at
 another see each other.
 """
+import contextlib
+import threading
+
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch._C import _functions, _functorch
@@ -74,6 +82,38 @@ def _grad_levels_tracking(tensors):
     return found
 
 
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def constant_tangents():
+    """Inside: the fused ops' output tangents carry no graph, for a caller that detaches its tangent
+    (sCM's sg(dF/dt), MeanFlow's target): nothing is saved for a backward through the tangent that
+    never runs (tq, tk, tv of every attention call would be kept until the tangent is freed)."""
+    before = getattr(_state, "constant", False)
+    _state.constant = True
+    try:
+        yield
+    finally:
+        _state.constant = before
+
+
+def may_need_grad(tensors):
+    """Whether a reverse pass may differentiate a result of `tensors`: grad mode on, outside
+    constant_tangents, and one of them (or the tensor under its torch.func wrappers) requires grad,
+    or a torch.func.grad level is open."""
+    if not torch.is_grad_enabled() or getattr(_state, "constant", False):
+        return False
+    return any(_unwrapped(x).requires_grad for x in tensors) or bool(_levels(_functorch.TransformType.Grad))
+
+
+def _unwrapped(x):
+    """The plain tensor under torch.func wrappers (a wrapper reports requires_grad=False)."""
+    while _functorch.is_functorch_wrapped_tensor(x):
+        x = _functorch.get_unwrapped(x)
+    return x
+
+
 def check_call(op, tensors):
     """At the public API, before the autograd.Function: torch.func.grad of torch.func.grad."""
     if len(_grad_levels_tracking(tensors)) > 1:
@@ -117,3 +157,44 @@ def first_order(uses, grads, links):
     error = _functions.DelayedError(str(unsupported(uses.op, DOUBLE_BACKWARD)), len(present) + len(links))
     guarded = iter(error(*present, *links)[:len(present)])
     return tuple(None if g is None else next(guarded) for g in grads)
+
+
+# ---- second order through the tangent --------------------------------------------------------
+def differentiable_tangent(tangent, reference, inputs):
+    """A fused op's output tangent, made differentiable when a reverse pass may need it (torch.func.grad
+    of a loss on the tangent: Terminal Velocity Matching, MeanFlow variants): the gradient then reaches
+    `inputs` (the op's inputs and their tangents; None for an absent one) instead of stopping silently.
+    reference(*inputs) recomputes the tangent with plain PyTorch ops (the op's reference), which the
+    backward differentiates: O(reference) memory for that one backward, and any order above it."""
+    if not may_need_grad([x for x in inputs if x is not None]):
+        return tangent
+    return _TangentVJP.apply(tangent, reference, *inputs)
+
+
+class _TangentVJP(torch.autograd.Function):
+    """Identity on the fused tangent; backward: the vector-Jacobian product of reference(*inputs)."""
+
+    @staticmethod
+    def forward(tangent, reference, *inputs):
+        return tangent.view_as(tangent)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, ctx.reference, *args = inputs
+        ctx.present = [i for i, x in enumerate(args) if x is not None]
+        ctx.n = len(args)
+        ctx.save_for_backward(*(args[i] for i in ctx.present))
+
+    @staticmethod
+    def backward(ctx, grad):
+        def tangent_of(*present):
+            args = [None] * ctx.n
+            for i, x in zip(ctx.present, present):
+                args[i] = x
+            return ctx.reference(*args)
+
+        _, vjp = torch.func.vjp(tangent_of, *ctx.saved_tensors)
+        grads = [None] * ctx.n
+        for i, g in zip(ctx.present, vjp(grad)):
+            grads[i] = g
+        return None, None, *grads

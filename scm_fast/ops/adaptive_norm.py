@@ -176,14 +176,15 @@ class _AdaptiveNorm(torch.autograd.Function):
         _transforms.check_jvp(ctx.uses, (tx, tscale, tshift, tw, tbias))
         x, scale, shift, weight, bias, mean, rstd = ctx.saved_tensors
         tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, tx), (scale, tscale), (shift, tshift))]
-        ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
-        if tw is not None or tbias is not None:
-            ty = ty + _affine_tangent(x, scale, mean, rstd, tw, tbias, ctx.config)
-        return ty, None, None
+        with torch.no_grad():  # the kernel has no autograd; _differentiable_tangent gives ty its gradient
+            ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
+            if tw is not None or tbias is not None:
+                ty = ty + _affine_tangent(x, scale, mean, rstd, tw, tbias, ctx.config)
+        return _differentiable_tangent(ctx, ty, (x, scale, shift, weight, bias), (*tangents, tw, tbias)), None, None
 
 
 class _AdaptiveNormFused(torch.autograd.Function):
-    """(y, mean, rstd, ty) in one kernel launch; ty is a constant for autograd. With
+    """(y, mean, rstd, ty) in one kernel launch; ty has no graph here (jvp gives the tangent one). With
     `tangents_of_inputs` (tx, tscale, tshift) ARE the forward-AD tangents of (x, scale, shift) and
     the weight and bias carry none, so jvp returns the ty already computed."""
 
@@ -197,7 +198,7 @@ class _AdaptiveNormFused(torch.autograd.Function):
         _, mean, rstd, ty = output
         ctx.mark_non_differentiable(mean, rstd, ty)
         ctx.save_for_backward(*(None if t is None else t.detach() for t in (x, scale, shift, weight, bias, mean, rstd)))
-        ctx.save_for_forward(ty) if tangents_of_inputs else ctx.save_for_forward(x, scale, shift, weight, bias)
+        ctx.save_for_forward(x, scale, shift, weight, bias, *([ty] if tangents_of_inputs else []))
         ctx.config, ctx.fused, ctx.uses = config, tangents_of_inputs, uses
         ctx.set_materialize_grads(False)  # no zero tangents for tx, tscale, tshift (a full x-sized fill)
 
@@ -211,15 +212,30 @@ class _AdaptiveNormFused(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, gx, gscale, gshift, _gtx, _gts, _gth, gw, gbias, *_):
         _transforms.check_jvp(ctx.uses, (gx, gscale, gshift, gw, gbias))
+        if gx is None and gscale is None and gshift is None:
+            return None, None, None, None
+        x, scale, shift, weight, bias, *fused = ctx.saved_tensors
+        tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, gx), (scale, gscale), (shift, gshift))]
         if ctx.fused:
-            (ty,) = ctx.saved_tensors
+            (ty,) = fused
         else:  # an outer forward AD over explicit-tangent code
-            x, scale, shift, weight, bias = ctx.saved_tensors
-            if gx is None and gscale is None and gshift is None:
-                return None, None, None, None
-            tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, gx), (scale, gscale), (shift, gshift))]
-            ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
-        return ty, None, None, None
+            with torch.no_grad():  # as in _AdaptiveNorm.jvp
+                ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
+        return _differentiable_tangent(ctx, ty, (x, scale, shift, weight, bias), (*tangents, None, None)), None, None, None
+
+
+def _differentiable_tangent(ctx, ty, primals, tangents):
+    """ty as the forward-AD tangent, differentiable w.r.t. (x, scale, shift, weight, bias) and their
+    tangents by autograd through the reference (_transforms.differentiable_tangent)."""
+    config = ctx.config
+
+    def reference(x, scale, shift, weight, bias, tx, tscale, tshift, tw, tbias):
+        _, mean, rstd, t = adaptive_norm_fwd_jvp_reference(x, scale, shift, tx, tscale, tshift, weight, bias, *config)
+        if tw is not None or tbias is not None:
+            t = t + _affine_tangent(x, scale, mean, rstd, tw, tbias, config)
+        return t
+
+    return _transforms.differentiable_tangent(ty, reference, (*primals, *tangents))
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -243,9 +259,10 @@ def adaptive_double_norm(x, scale, shift, *, norm="layer", num_groups=None, eps=
     Computes in fp32 (fp64 for fp64 x) and returns x.dtype; scale and shift may have another dtype
     than x (e.g. an fp32 time embedding with bf16 activations).
     Differentiable in reverse mode and in forward mode (torch.func.jvp, torch.autograd.forward_ad):
-    with tangents on any of x, scale, shift one fused pass computes y and its tangent. First
-    derivatives only: double backward, jvp of grad and jvp of jvp raise a RuntimeError
-    (scm_fast.ops._transforms); adaptive_double_norm_ref differentiates to any order.
+    with tangents on any of x, scale, shift one fused pass computes y and its tangent. The tangent
+    is differentiable w.r.t. the inputs and their tangents (autograd through the reference; second
+    order for TVM / MeanFlow losses); double backward of y, jvp of grad and jvp of jvp raise a
+    RuntimeError (scm_fast.ops._transforms); adaptive_double_norm_ref differentiates to any order.
     eps is a positive finite float; B = 0 or no positions give empty results. pnorm stays exact for
     huge scale / shift (|a| past 1e19, where mean(a^2) overflows fp32); x itself must keep x^2 finite
     (|x| below ~1e19), as for PyTorch's own fp32 norms.

@@ -25,9 +25,11 @@ ds at the row max, so they do not cancel). dq and dk come from FlashAttention-2'
 ds = p (dO V^T - rowsum(dO * O)): their absolute error grows like tau eps |dO| |v| |k|, which shows
 where p is nearly one-hot and the exact gradient is ~0.
 
-First derivatives only (scm_fast.ops._transforms): double backward, jvp of grad (Hessian-vector
+Derivatives (scm_fast.ops._transforms): first order fused; the gradient of the output tangent w.r.t.
+q, k, v and their tangents (torch.func.grad of a loss on the tangent) by autograd through the
+reference, and double backward through it; double backward of the primal, jvp of grad (Hessian-vector
 products) and jvp of jvp raise a RuntimeError; attention_ref (plain PyTorch ops) differentiates to any
-order. Under torch.func.grad of torch.func.jvp the tangent is a constant (sCM's stop-gradient).
+order.
 
 `not_supported_reasons(q, k, v, ...)` lists why a call falls outside that (as xformers' ops do);
 the op's own argument checks raise its first entry, and scm_fast.interop.sdpa reads the same list
@@ -301,12 +303,15 @@ class _Attention(torch.autograd.Function):
     def jvp(ctx, tq, tk, tv, *_):
         _transforms.check_jvp(ctx.uses, (tq, tk, tv))
         q, k, v = ctx.saved_tensors
-        _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.scale)
-        return to, None
+        tq, tk, tv = _zeros_for_none((q, k, v), (tq, tk, tv))
+        with torch.no_grad():  # the kernel has no autograd; _differentiable_tangent gives to its gradient
+            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.scale)
+        return _differentiable_tangent(ctx, to, q, k, v, tq, tk, tv), None
 
 
 class _AttentionFused(torch.autograd.Function):
-    """(o, lse, to) of (q, k, v, tq, tk, tv) in one kernel launch. `to` is a constant for autograd.
+    """(o, lse, to) of (q, k, v, tq, tk, tv) in one kernel launch. `to` has no graph here (jvp and attention_jvp
+    give the tangent one: _transforms.differentiable_tangent).
 
     With `tangents_of_inputs` the caller guarantees that (tq, tk, tv) ARE the forward-AD tangents of
     (q, k, v), so jvp returns the `to` already computed: one pass instead of two.
@@ -323,7 +328,7 @@ class _AttentionFused(torch.autograd.Function):
         ctx.mark_non_differentiable(lse, to)
         ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
         if tangents_of_inputs:
-            ctx.save_for_forward(to)
+            ctx.save_for_forward(to, q, k, v)
         else:
             ctx.save_for_forward(q, k, v)
         ctx.mask, ctx.causal, ctx.scale, ctx.fused, ctx.uses = mask, causal, scale, tangents_of_inputs, uses
@@ -338,15 +343,33 @@ class _AttentionFused(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, gq, gk, gv, *_):
         _transforms.check_jvp(ctx.uses, (gq, gk, gv))
+        if gq is None and gk is None and gv is None:
+            return None, None, None
         if ctx.fused:
-            (to,) = ctx.saved_tensors
+            to, q, k, v = ctx.saved_tensors
         else:  # an outer forward AD over explicit-tangent code: the JVP along (gq, gk, gv)
             q, k, v = ctx.saved_tensors
-            if gq is None and gk is None and gv is None:
-                return None, None, None
-            gq, gk, gv = (torch.zeros_like(x) if g is None else g for x, g in ((q, gq), (k, gk), (v, gv)))
-            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.scale)
-        return to, None, None
+        gq, gk, gv = _zeros_for_none((q, k, v), (gq, gk, gv))
+        if not ctx.fused:
+            with torch.no_grad():  # as in _Attention.jvp
+                _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.scale)
+        return _differentiable_tangent(ctx, to, q, k, v, gq, gk, gv), None, None
+
+
+def _zeros_for_none(xs, ts):
+    return tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, ts))
+
+
+def _tangent_reference(mask, causal, scale):
+    def reference(q, k, v, tq, tk, tv):
+        return attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, scale)[2]
+    return reference
+
+
+def _differentiable_tangent(ctx, to, *inputs):
+    """`to` as the forward-AD tangent, differentiable w.r.t. q, k, v and their tangents by autograd
+    through the reference (_transforms.differentiable_tangent)."""
+    return _transforms.differentiable_tangent(to, _tangent_reference(ctx.mask, ctx.causal, ctx.scale), inputs)
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -380,7 +403,8 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
 def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=None):
     """(o, to): the attention output and its tangent along (tq, tk, tv), in one fused pass.
 
-    o is differentiable w.r.t. q, k, v; to is returned without a graph (sCM's tangent is sg(.)).
+    o is differentiable w.r.t. q, k, v (the fused backward); to w.r.t. q, k, v, tq, tk, tv (second
+    order: autograd through the reference, _transforms.differentiable_tangent; sCM detaches it, sg(.)).
     """
     _validate(q, k, v, attn_mask, causal, scale, tangents=(tq, tk, tv))
     _transforms.check_call("attention", (q, k, v, tq, tk, tv))
@@ -388,4 +412,4 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=No
     scale = _scale_value(scale, q)
     uses = _transforms.Uses("attention")
     o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, causal, scale, False, uses)
-    return o, to
+    return o, _transforms.differentiable_tangent(to, _tangent_reference(mask, causal, scale), (q, k, v, tq, tk, tv))
