@@ -102,7 +102,7 @@ def _arg_type(name, dtype):
 def _source(kind, dtype, block_d, block_m, block_n):
     fn = KERNELS[kind]
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=True,
-                 MASK_IS_BOOL=False, IS_CAUSAL=True, HAS_TANGENT=kind == "fwd_jvp",
+                 MASK_IS_BOOL=False, IS_CAUSAL=True, BOTTOM_RIGHT=False, HAS_TANGENT=kind == "fwd_jvp",
                  PDS_FP32=dtype == "fp16", UPCAST=False, INPUT_PRECISION="tf32", S_AS_FWD=False,
                  STORE_MAX=kind == "fwd" and aj.two_pass(block_d))
     signature, constexprs, attrs = {}, {}, {}

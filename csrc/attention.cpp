@@ -40,15 +40,28 @@ constexpr int64_t kBlockM = 128;
 constexpr int64_t kBlockN = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-const char* kFwdArgs = "(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, float scale)"
+const char* kFwdArgs = "(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, int causal_shift, float scale)"
                        " -> (Tensor out, Tensor lse)";
 const char* kFwdJvpArgs = "(Tensor q, Tensor k, Tensor v, Tensor tq, Tensor tk, Tensor tv, Tensor? mask,"
-                          " bool causal, float scale) -> (Tensor out, Tensor lse, Tensor tout)";
+                          " bool causal, int causal_shift, float scale) -> (Tensor out, Tensor lse, Tensor tout)";
 const char* kBwdArgs = "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
-                       " bool causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)";
+                       " bool causal, int causal_shift, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)";
 
 struct Dims {
   int64_t B, H, Hk, Lq, Lk, D, Dv;
+};
+
+// Causal window: key j visible to query i iff j <= i + shift (SDPA's top-left: shift 0; bottom-right:
+// Lk - Lq). Not causal: every key.
+struct Causal {
+  bool on;
+  int64_t shift;
+  // keys [0, end) can be visible to the query rows [i0, i0 + bm)
+  int64_t end(int64_t i0, int64_t bm, int64_t Lk) const {
+    return on ? std::clamp<int64_t>(i0 + bm + shift, 0, Lk) : Lk;
+  }
+  // visible keys of row i in the tile starting at key j0 of width bn (may be <= 0)
+  int64_t visible(int64_t i, int64_t j0, int64_t bn) const { return on ? i + shift - j0 + 1 : bn; }
 };
 
 // Additive bias b for one (batch, head, query row), read through the expanded mask's strides.
@@ -109,7 +122,8 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
   return mv;
 }
 
-// One tile row of scaled scores tau s (from the GEMM) becomes tau s + bias, -inf outside the causal triangle.
+// One tile row of scaled scores tau s (from the GEMM) becomes tau s + bias, -inf outside the causal window
+// (its first `visible` entries are inside).
 void mask_scores(float* row, int64_t n, int64_t visible, const MaskView& mv, int64_t b, int64_t h, int64_t i,
                  int64_t j0) {
   if (!mv.empty()) mv.add_row(row, std::min(n, visible), b, h, i, j0);
@@ -148,7 +162,7 @@ struct FwdTensors {
 };
 
 // One (batch, head, query block): online softmax over key tiles, forward and (optionally) JVP.
-void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool causal, float tau, int64_t b,
+void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, Causal causal, float tau, int64_t b,
                int64_t h, int64_t i0, FwdBuffers& buf) {
   const bool tangent = t.tq != nullptr;
   const int64_t bm = std::min(kBlockM, d.Lq - i0), hk = h / (d.H / d.Hk);
@@ -161,7 +175,7 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool caus
   std::fill(buf.c.begin(), buf.c.end(), 0.f);
   std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
   std::fill(buf.tacc.begin(), buf.tacc.end(), 0.f);
-  const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
+  const int64_t hi = causal.end(i0, bm, d.Lk);
   for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
     const int64_t bn = std::min(kBlockN, hi - j0);
     const float *K = t.k + k_off + j0 * d.D, *V = t.v + v_off + j0 * d.Dv;
@@ -172,7 +186,7 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool caus
     }
     for (int64_t i = 0; i < bm; ++i) {
       float* row = S + i * kBlockN;
-      mask_scores(row, bn, causal ? i0 + i - j0 + 1 : bn, mv, b, h, i0 + i, j0);
+      mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, b, h, i0 + i, j0);
       const float tile_max = row_max(row, bn), m_old = buf.m[i], m_new = std::max(m_old, tile_max);
       const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
       const float alpha = exp_fast(m_old - m_safe), l_old = buf.l[i] * alpha;
@@ -201,7 +215,7 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, bool caus
 
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor* tq_,
                                  const at::Tensor* tk_, const at::Tensor* tv_, const c10::optional<at::Tensor>& mask,
-                                 bool causal, double scale) {
+                                 Causal causal, double scale) {
   const Dims d = check_inputs(q_, k_, v_, mask);
   const bool tangent = tq_ != nullptr;
   at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), tq, tk, tv, mask_holder;
@@ -228,36 +242,37 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, con
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const c10::optional<at::Tensor>& mask, bool causal, double scale) {
-  auto r = fwd_impl(q, k, v, nullptr, nullptr, nullptr, mask, causal, scale);
+                                                     const c10::optional<at::Tensor>& mask, bool causal,
+                                                     int64_t shift, double scale) {
+  auto r = fwd_impl(q, k, v, nullptr, nullptr, nullptr, mask, Causal{causal, shift}, scale);
   return {r[0], r[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_jvp_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tq, const at::Tensor& tk,
-    const at::Tensor& tv, const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+    const at::Tensor& tv, const c10::optional<at::Tensor>& mask, bool causal, int64_t shift, double scale) {
   TORCH_CHECK(tq.sizes() == q.sizes() && tk.sizes() == k.sizes() && tv.sizes() == v.sizes(),
               "attention_fwd_jvp: tangents must match q, k, v in shape, got ", tq.sizes(), ", ", tk.sizes(), ", ",
               tv.sizes());
-  auto r = fwd_impl(q, k, v, &tq, &tk, &tv, mask, causal, scale);
+  auto r = fwd_impl(q, k, v, &tq, &tk, &tv, mask, Causal{causal, shift}, scale);
   return {r[0], r[1], r[2]};
 }
 
 // One (batch, query head): dQ for its rows and its share of dK, dV (summed over the group later).
 void bwd_head(const float* q, const float* k, const float* v, const float* dO, const float* lse, const float* delta,
-              float* dq, float* dk, float* dv, const Dims& d, const MaskView& mv, bool causal, float tau, int64_t b,
+              float* dq, float* dk, float* dv, const Dims& d, const MaskView& mv, Causal causal, float tau, int64_t b,
               int64_t h, std::vector<float>& P, std::vector<float>& dS) {
   for (int64_t i0 = 0; i0 < d.Lq; i0 += kBlockM) {
     const int64_t bm = std::min(kBlockM, d.Lq - i0);
     const float *Q = q + i0 * d.D, *DO = dO + i0 * d.Dv;
-    const int64_t hi = causal ? std::min(d.Lk, i0 + bm) : d.Lk;
+    const int64_t hi = causal.end(i0, bm, d.Lk);
     for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
       const int64_t bn = std::min(kBlockN, hi - j0);
       gemm_rm(false, true, bm, bn, d.D, tau, Q, d.D, k + j0 * d.D, d.D, 0.f, P.data(), kBlockN);  // as forward
       gemm_rm(false, true, bm, bn, d.Dv, 1.f, DO, d.Dv, v + j0 * d.Dv, d.Dv, 0.f, dS.data(), kBlockN);
       for (int64_t i = 0; i < bm; ++i) {
         float *row = P.data() + i * kBlockN, *drow = dS.data() + i * kBlockN;
-        mask_scores(row, bn, causal ? i0 + i - j0 + 1 : bn, mv, b, h, i0 + i, j0);
+        mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, b, h, i0 + i, j0);
         const float l = lse[i0 + i] == kNegInf ? -kNegInf : lse[i0 + i], dl = delta[i0 + i];
         exp_sub_sum(row, bn, l);  // P = exp(S - lse)
 #pragma omp simd
@@ -272,7 +287,8 @@ void bwd_head(const float* q, const float* k, const float* v, const float* dO, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out, const at::Tensor& lse_, const c10::optional<at::Tensor>& mask, bool causal, double scale) {
+    const at::Tensor& out, const at::Tensor& lse_, const c10::optional<at::Tensor>& mask, bool causal, int64_t shift,
+    double scale) {
   const Dims d = check_inputs(q_, k_, v_, mask);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({d.B, d.H, d.Lq, d.Dv}),
               "attention_bwd: grad_out and out must be (B, Hq, Lq, Dv), got ", grad_out.sizes(), ", ", out.sizes());
@@ -293,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                v.data_ptr<float>() + bhk * d.Lk * d.Dv, dO.data_ptr<float>() + bh * d.Lq * d.Dv,
                lse.data_ptr<float>() + bh * d.Lq, delta.data_ptr<float>() + bh * d.Lq,
                dq.data_ptr<float>() + bh * d.Lq * d.D, dk.data_ptr<float>() + bh * d.Lk * d.D,
-               dv.data_ptr<float>() + bh * d.Lk * d.Dv, d, mv, causal, float(scale), b, h, P, dS);
+               dv.data_ptr<float>() + bh * d.Lk * d.Dv, d, mv, Causal{causal, shift}, float(scale), b, h, P, dS);
     }
   });
   if (G > 1) {  // GQA: a key head's gradient sums over the query heads that share it

@@ -69,12 +69,21 @@ def _masked_scores(s, valid, ptrs, HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.cons
 
 
 @triton.jit
-def _valid_tile(m, n, Lq, Lk, IS_CAUSAL: tl.constexpr):
-    """Positions (query m, key n) inside the matrix and, if causal, on or below the diagonal.
+def _causal_shift(Lq, Lk, BOTTOM_RIGHT: tl.constexpr):
+    """0 (top-left) or Lk - Lq (bottom-right): a constexpr choice, so the top-left kernels compile as
+    without the option (a runtime shift argument cost sm_80 configs a register: 8 B spills, NOTES.md)."""
+    if BOTTOM_RIGHT:
+        return Lk - Lq
+    return 0
+
+
+@triton.jit
+def _valid_tile(m, n, Lq, Lk, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """Positions (query m, key n) inside the matrix and, if causal, in the causal window.
     m and n are broadcastable index tiles: (BLOCK_M, 1) and (1, BLOCK_N), or transposed."""
     valid = (m < Lq) & (n < Lk)
-    if IS_CAUSAL:  # SDPA's is_causal: top-left aligned, key j visible to query i iff j <= i
-        valid = valid & (n <= m)
+    if IS_CAUSAL:  # key j visible to query i iff j <= i + shift (SDPA's top-left: 0; bottom-right: Lk - Lq)
+        valid = valid & (n <= m + _causal_shift(Lq, Lk, BOTTOM_RIGHT))
     return valid
 
 
@@ -88,7 +97,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_tob, stride_toh, stride_tom,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     HAS_TANGENT: tl.constexpr, PDS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, STORE_MAX: tl.constexpr,
 ):
@@ -130,7 +139,7 @@ def _attn_fwd_kernel(
 
     hi = Lk
     if IS_CAUSAL:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
@@ -142,7 +151,7 @@ def _attn_fwd_kernel(
             kT = kT.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_M, BLOCK_N)
-        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
         mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
         tile_max = tl.max(s, 1)
@@ -206,7 +215,7 @@ def _attn_jvp_kernel(
     stride_ob, stride_oh, stride_om, stride_tob, stride_toh, stride_tom,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     PDS_FP32: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Pass 2 of the two-pass forward + JVP (module docstring): one query block's to, from pass 1's
@@ -248,7 +257,7 @@ def _attn_jvp_kernel(
     t_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     hi = Lk
     if IS_CAUSAL:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
@@ -264,7 +273,7 @@ def _attn_jvp_kernel(
             v = v.to(tl.float32)
             tv = tv.to(tl.float32)
         s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau
-        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
         mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
         p = tl.exp(s - m_safe[:, None])  # the same rounded s and m as pass 1
@@ -325,7 +334,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_AS_FWD: tl.constexpr,
 ):
     """One key block of one key head: dK, dV summed over its GROUP query heads. S_AS_FWD (the
@@ -350,7 +359,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo = 0
     if IS_CAUSAL:
-        lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(start_n * BLOCK_N - _causal_shift(Lq, Lk, BOTTOM_RIGHT), 0) // BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
         Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
@@ -374,7 +383,7 @@ def _attn_bwd_dkdv_kernel(
                 sT = tl.trans(tl.dot(tl.trans(qT), tl.trans(k), input_precision=INPUT_PRECISION)) * tau
             else:
                 sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
-            validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL)
+            validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
             mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
             sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
             # p <= 1 exactly, so the exponent is clamped at 0: an s rounded above the forward's cannot
@@ -398,7 +407,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn, stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One query block: dQ = tau sum_n ds K."""
@@ -426,7 +435,7 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = Lk
     if IS_CAUSAL:
-        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M)
+        hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
@@ -438,7 +447,7 @@ def _attn_bwd_dq_kernel(
             k = k.to(tl.float32)
             vT = vT.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * tau
-        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL)
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
         mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
         s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
         p = tl.exp(tl.minimum(s - lse[:, None], 0.0))  # p <= 1 (see the dk/dv kernel)
@@ -581,7 +590,14 @@ def two_pass(block_d):
     return block_d > 64
 
 
-def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
+def _bottom_right(causal, shift, Lq, Lk):
+    """The kernels' BOTTOM_RIGHT from the op's causal shift: 0 (top-left) or Lk - Lq (bottom-right)."""
+    if causal and shift not in (0, Lk - Lq):
+        raise ValueError(f"attention (triton): causal_shift must be 0 or Lk - Lq = {Lk - Lq}, got {shift}")
+    return bool(causal) and shift != 0
+
+
+def attention_fwd(q, k, v, mask, causal, shift, scale, tq=None, tk=None, tv=None):
     """(o, lse) or, with tangents, (o, lse, to). Shapes: q (B, Hq, Lq, D), k (B, Hk, Lk, D),
     v (B, Hk, Lk, Dv), mask None or expanded to (B, Hq, Lq, Lk); lse is fp32 (B, Hq, Lq)."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
@@ -601,7 +617,8 @@ def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
     grid = lambda bm: (triton.cdiv(Lq, bm), B * H)  # noqa: E731
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(tq), *_strides3(tk), *_strides3(tv),
                *mask_strides)
-    common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, PDS_FP32=q.dtype == torch.float16, **flags)
+    common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, BOTTOM_RIGHT=_bottom_right(causal, shift, Lq, Lk),
+                  PDS_FP32=q.dtype == torch.float16, **flags)
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
@@ -625,7 +642,7 @@ def attention_fwd(q, k, v, mask, causal, scale, tq=None, tk=None, tv=None):
     return (o, lse, to) if has_t else (o, lse)
 
 
-def attention_bwd(do, q, k, v, o, lse, mask, causal, scale):
+def attention_bwd(do, q, k, v, o, lse, mask, causal, shift, scale):
     """(dq, dk, dv) of the primal output, from the forward's o and lse."""
     q, k, v, o, do = (_unit_last(x) for x in (q, k, v, o, do))
     (B, H, Hk, Lq, Lk, D, DV), flags, key = _common(q, k, v, mask)
@@ -636,7 +653,8 @@ def attention_bwd(do, q, k, v, o, lse, mask, causal, scale):
         o, do, delta, *_strides3(o), *_strides3(do), H, Lq, DV, BLOCK_M=bm, BLOCK_DV=flags["BLOCK_DV"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_t, mask_strides, mask_bool = _mask_args(mask, q)
-    common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, **flags)
+    common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, BOTTOM_RIGHT=_bottom_right(causal, shift, Lq, Lk),
+                  **flags)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg

@@ -10,7 +10,8 @@ Supported: fp32, fp16, bf16 (fp32 accumulation and statistics; fp64 on the refer
 dims up to 256 (any, no padding by the caller), Lq != Lk, GQA/MQA (Hq a multiple of Hk), causal
 (SDPA's top-left alignment), attn_mask bool (True = attend) or additive, broadcastable to
 (B, Hq, Lq, Lk) and never materialised. The mask is a constant: it takes no gradient and no tangent.
-causal is a bool; scale a finite float or None (1 / sqrt(D)).
+causal is False, True or 'top_left' (SDPA's is_causal), or 'bottom_right' (key j visible to query i iff
+j <= i + Lk - Lq, as flash-attn); scale a finite float or None (1 / sqrt(D)).
 
 Rows that see no key (all masked, or Lk = 0) give 0 output, 0 tangent and 0 gradient for their q
 (SDPA gives NaN). A masked key is -inf in the scores whatever q k^T is, so the output and tangent of
@@ -43,7 +44,7 @@ import torch.autograd.forward_ad as fwAD
 
 from scm_fast.ops import _registry, _transforms
 from scm_fast.ops.attention_ref import (attention_bwd_reference, attention_fwd_reference,
-                                        attention_fwd_jvp_reference, attention_ref)
+                                        attention_fwd_jvp_reference, attention_ref, causal_shift)
 from scm_fast.precision import accumulation_dtype
 
 __all__ = ["attention", "attention_jvp", "attention_ref", "not_supported_reasons"]
@@ -161,9 +162,9 @@ def _scale_reasons(scale):
 
 
 def _causal_reasons(causal):
-    if isinstance(causal, bool):
+    if isinstance(causal, bool) or (isinstance(causal, str) and causal in ("top_left", "bottom_right")):
         return []
-    return [Unsupported("causal", f"causal must be a bool, got {type(causal).__name__} {causal!r}", TypeError)]
+    return [Unsupported("causal", f"causal must be a bool, 'top_left' or 'bottom_right', got {type(causal).__name__} {causal!r}", TypeError)]
 
 
 def _backend_reasons(q):
@@ -233,16 +234,16 @@ def _kernels(q):
     return kernels
 
 
-def _triton_fwd(q, k, v, mask, causal, scale):
-    return _kernels(q).attention_fwd(q, k, v, mask, causal, scale)
+def _triton_fwd(q, k, v, mask, causal, shift, scale):
+    return _kernels(q).attention_fwd(q, k, v, mask, causal, shift, scale)
 
 
-def _triton_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, scale):
-    return _kernels(q).attention_fwd(q, k, v, mask, causal, scale, tq, tk, tv)
+def _triton_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, shift, scale):
+    return _kernels(q).attention_fwd(q, k, v, mask, causal, shift, scale, tq, tk, tv)
 
 
-def _triton_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
-    return _kernels(q).attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale)
+def _triton_bwd(grad_out, q, k, v, out, lse, mask, causal, shift, scale):
+    return _kernels(q).attention_bwd(grad_out, q, k, v, out, lse, mask, causal, shift, scale)
 
 
 def _lse_like(q):
@@ -250,16 +251,16 @@ def _lse_like(q):
     return q.new_empty(q.shape[:-1], dtype=dtype)
 
 
-def _fake_fwd(q, k, v, mask, causal, scale):
+def _fake_fwd(q, k, v, mask, causal, shift, scale):
     return q.new_empty(*q.shape[:-1], v.shape[-1]), _lse_like(q)
 
 
-def _fake_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, scale):
-    o, lse = _fake_fwd(q, k, v, mask, causal, scale)
+def _fake_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, shift, scale):
+    o, lse = _fake_fwd(q, k, v, mask, causal, shift, scale)
     return o, lse, torch.empty_like(o)
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, scale):
+def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, shift, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -273,7 +274,8 @@ def _backward(ctx, grad_out):
     _transforms.check_backward(ctx.uses, grad_out)
     q, k, v, o, lse = ctx.saved_tensors
     with torch.no_grad():  # first order only (_transforms.first_order)
-        grads = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse, ctx.mask, ctx.causal, ctx.scale)
+        grads = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse, ctx.mask, ctx.causal, ctx.shift,
+                               ctx.scale)
     return _transforms.first_order(ctx.uses, grads, (grad_out, q, k, v))
 
 
@@ -281,23 +283,23 @@ class _Attention(torch.autograd.Function):
     """(o, lse) of (q, k, v). Used when no input carries a tangent; its jvp is still exact."""
 
     @staticmethod
-    def forward(q, k, v, mask, causal, scale, uses):
-        return _registry.call("attention_fwd", q, k, v, mask, causal, scale)
+    def forward(q, k, v, mask, causal, shift, scale, uses):
+        return _registry.call("attention_fwd", q, k, v, mask, causal, shift, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, causal, scale, uses = inputs
+        q, k, v, mask, causal, shift, scale, uses = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
         # q, k, v not detached (they carry no tangent here): a gradient of the backward must reach their
         # graph (_transforms.first_order)
         ctx.save_for_backward(q, k, v, o.detach(), lse)
         ctx.save_for_forward(q, k, v)
-        ctx.mask, ctx.causal, ctx.scale, ctx.uses = mask, causal, scale, uses
+        ctx.mask, ctx.causal, ctx.shift, ctx.scale, ctx.uses = mask, causal, shift, scale, uses
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        return *_backward(ctx, grad_out), None, None, None, None
+        return *_backward(ctx, grad_out), None, None, None, None, None
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, *_):
@@ -305,7 +307,8 @@ class _Attention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         tq, tk, tv = _zeros_for_none((q, k, v), (tq, tk, tv))
         with torch.no_grad():  # the kernel has no autograd; _differentiable_tangent gives to its gradient
-            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.scale)
+            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.shift,
+                                      ctx.scale)
         return _differentiable_tangent(ctx, to, q, k, v, tq, tk, tv), None
 
 
@@ -318,12 +321,12 @@ class _AttentionFused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, mask, causal, scale, tangents_of_inputs, uses):
-        return _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, mask, causal, scale)
+    def forward(q, k, v, tq, tk, tv, mask, causal, shift, scale, tangents_of_inputs, uses):
+        return _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, mask, causal, shift, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _, _, _, mask, causal, scale, tangents_of_inputs, uses = inputs
+        q, k, v, _, _, _, mask, causal, shift, scale, tangents_of_inputs, uses = inputs
         o, lse, to = output
         ctx.mark_non_differentiable(lse, to)
         ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
@@ -331,14 +334,15 @@ class _AttentionFused(torch.autograd.Function):
             ctx.save_for_forward(to, q, k, v)
         else:
             ctx.save_for_forward(q, k, v)
-        ctx.mask, ctx.causal, ctx.scale, ctx.fused, ctx.uses = mask, causal, scale, tangents_of_inputs, uses
+        ctx.mask, ctx.causal, ctx.shift, ctx.scale = mask, causal, shift, scale
+        ctx.fused, ctx.uses = tangents_of_inputs, uses
         ctx.set_materialize_grads(False)  # no zero tangents for tq, tk, tv (a full-size fill each)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_to):
         if grad_out is None:
-            return (None,) * 11
-        return *_backward(ctx, grad_out), *(None,) * 8
+            return (None,) * 12
+        return *_backward(ctx, grad_out), *(None,) * 9
 
     @staticmethod
     def jvp(ctx, gq, gk, gv, *_):
@@ -352,7 +356,8 @@ class _AttentionFused(torch.autograd.Function):
         gq, gk, gv = _zeros_for_none((q, k, v), (gq, gk, gv))
         if not ctx.fused:
             with torch.no_grad():  # as in _Attention.jvp
-                _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.scale)
+                _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.shift,
+                                          ctx.scale)
         return _differentiable_tangent(ctx, to, q, k, v, gq, gk, gv), None, None
 
 
@@ -360,16 +365,17 @@ def _zeros_for_none(xs, ts):
     return tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, ts))
 
 
-def _tangent_reference(mask, causal, scale):
+def _tangent_reference(mask, causal, shift, scale):
     def reference(q, k, v, tq, tk, tv):
-        return attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, scale)[2]
+        return attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, shift, scale)[2]
     return reference
 
 
 def _differentiable_tangent(ctx, to, *inputs):
     """`to` as the forward-AD tangent, differentiable w.r.t. q, k, v and their tangents by autograd
     through the reference (_transforms.differentiable_tangent)."""
-    return _transforms.differentiable_tangent(to, _tangent_reference(ctx.mask, ctx.causal, ctx.scale), inputs)
+    reference = _tangent_reference(ctx.mask, ctx.causal, ctx.shift, ctx.scale)
+    return _transforms.differentiable_tangent(to, reference, inputs)
 
 
 # ---- public API ------------------------------------------------------------------------------
@@ -381,6 +387,8 @@ def _tangent_or_zeros(x):
 @torch.compiler.disable  # torch.compile drops a custom jvp (pytorch 192985): keep the op eager
 def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     """softmax(scale q k^T + attn_mask) v, like F.scaled_dot_product_attention (B, H, L, D).
+    causal: False, True / "top_left" (SDPA's is_causal) or "bottom_right" (the last query sees
+    every key; attention_ref.causal_shift).
 
     Under torch.func.jvp or torch.autograd.forward_ad the output tangent comes from the same fused
     pass as the output (no second forward). Example:
@@ -390,12 +398,13 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     _transforms.check_call("attention", (q, k, v))
     mask = _prepare_mask(attn_mask, q, k)
     scale = _scale_value(scale, q)
+    is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
     uses = _transforms.Uses("attention")
     if any(fwAD.unpack_dual(x).tangent is not None for x in (q, k, v)):
         tangents = [_tangent_or_zeros(x) for x in (q, k, v)]
-        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, causal, scale, True, uses)
+        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, is_causal, shift, scale, True, uses)
         return o
-    o, _ = _Attention.apply(q, k, v, mask, causal, scale, uses)
+    o, _ = _Attention.apply(q, k, v, mask, is_causal, shift, scale, uses)
     return o
 
 
@@ -410,6 +419,8 @@ def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=No
     _transforms.check_call("attention", (q, k, v, tq, tk, tv))
     mask = _prepare_mask(attn_mask, q, k)
     scale = _scale_value(scale, q)
+    is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
     uses = _transforms.Uses("attention")
-    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, causal, scale, False, uses)
-    return o, _transforms.differentiable_tangent(to, _tangent_reference(mask, causal, scale), (q, k, v, tq, tk, tv))
+    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, is_causal, shift, scale, False, uses)
+    reference = _tangent_reference(mask, is_causal, shift, scale)
+    return o, _transforms.differentiable_tangent(to, reference, (q, k, v, tq, tk, tv))

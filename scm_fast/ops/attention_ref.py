@@ -30,16 +30,27 @@ def _apply_mask(s, mask):
     return (s + bias).masked_fill(torch.isneginf(bias), float("-inf"))
 
 
+def causal_shift(causal, lq, lk):
+    """(is causal, shift): key j visible to query i iff j <= i + shift. causal True / "top_left" is
+    SDPA's is_causal (shift 0); "bottom_right" aligns the last query with the last key (shift
+    Lk - Lq: flash-attn and KV-cache code), so with Lq > Lk the first Lq - Lk queries see no key."""
+    if causal in (False, None):
+        return False, 0
+    return True, (lk - lq if causal == "bottom_right" else 0)
+
+
 def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
-    """softmax(scale q k^T + mask) v, with rows that see no key set to 0 (SDPA would give NaN)."""
+    """softmax(scale q k^T + mask) v, with rows that see no key set to 0 (SDPA would give NaN).
+    causal: False, True or "top_left" (SDPA's is_causal), or "bottom_right" (causal_shift)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     s = _apply_mask(scale * (q @ k.transpose(-1, -2)), attn_mask)
-    if causal:
+    is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
+    if is_causal:
         lq, lk = s.shape[-2:]
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(shift)
         s = s.masked_fill(~keep, float("-inf"))
     empty = torch.isneginf(s).all(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
@@ -55,18 +66,18 @@ def _grouped(q, k, v, mask):
     return q5, k.unsqueeze(2), v.unsqueeze(2), m5
 
 
-def _chunk_scores(q5, k5, m5, causal, scale, start, stop):
+def _chunk_scores(q5, k5, m5, causal, shift, scale, start, stop):
     """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf."""
     s = _apply_mask(scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2)),
                     None if m5 is None else m5[..., start:stop])
     if causal:
         rows = torch.arange(q5.shape[-2], device=s.device)[:, None]
         cols = torch.arange(start, stop, device=s.device)[None, :]
-        s = s.masked_fill(cols > rows, float("-inf"))
+        s = s.masked_fill(cols > rows + shift, float("-inf"))
     return s
 
 
-def _online_pass(q5, k5, v5, m5, causal, scale, tangents=None):
+def _online_pass(q5, k5, v5, m5, causal, shift, scale, tangents=None):
     """Online softmax over key chunks; returns (o, lse) and, with tangents, to."""
     acc_dtype = accumulation_dtype(q5)
     q5, k5, v5 = q5.to(acc_dtype), k5.to(acc_dtype), v5.to(acc_dtype)
@@ -79,7 +90,7 @@ def _online_pass(q5, k5, v5, m5, causal, scale, tangents=None):
         t_acc, r_i, c_i = torch.zeros_like(acc), torch.zeros_like(l_i), torch.zeros_like(l_i)
     for start in range(0, k5.shape[-2], CHUNK):
         stop = min(start + CHUNK, k5.shape[-2])
-        s = _chunk_scores(q5, k5, m5, causal, scale, start, stop)
+        s = _chunk_scores(q5, k5, m5, causal, shift, scale, start, stop)
         chunk_max = s.amax(-1)
         m_new = torch.maximum(m_i, chunk_max)
         m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
@@ -118,19 +129,19 @@ def _lse(lse, q):
     return lse.reshape(q.shape[:-1]).to(accumulation_dtype(q))
 
 
-def attention_fwd_reference(q, k, v, mask, causal, scale):
-    o, lse = _online_pass(*_grouped(q, k, v, mask), causal, scale)
+def attention_fwd_reference(q, k, v, mask, causal, shift, scale):
+    o, lse = _online_pass(*_grouped(q, k, v, mask), causal, shift, scale)
     return _flat(o, q), _lse(lse, q)
 
 
-def attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, scale):
+def attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, shift, scale):
     q5, k5, v5, m5 = _grouped(q, k, v, mask)
     tq5, tk5, tv5, _ = _grouped(tq, tk, tv, None)
-    o, lse, to = _online_pass(q5, k5, v5, m5, causal, scale, (tq5, tk5, tv5))
+    o, lse, to = _online_pass(q5, k5, v5, m5, causal, shift, scale, (tq5, tk5, tv5))
     return _flat(o, q), _lse(lse, q), _flat(to, q)
 
 
-def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, causal, scale):
+def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, causal, shift, scale):
     """FlashAttention-2 backward over key chunks: p = exp(s - lse), ds = p (dp - delta)."""
     acc_dtype = accumulation_dtype(q)
     q5, k5, v5, m5 = _grouped(*(x.to(acc_dtype) for x in (q, k, v)), mask)
@@ -143,7 +154,7 @@ def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, causal, scale):
     dk, dv = torch.zeros_like(k5.squeeze(2)), torch.zeros_like(v5.squeeze(2))
     for start in range(0, k5.shape[-2], CHUNK):
         stop = min(start + CHUNK, k5.shape[-2])
-        p = torch.exp(_chunk_scores(q5, k5, m5, causal, scale, start, stop) - lse5[..., None])
+        p = torch.exp(_chunk_scores(q5, k5, m5, causal, shift, scale, start, stop) - lse5[..., None])
         dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
         ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
         dq += scale * (ds @ k5[..., start:stop, :])

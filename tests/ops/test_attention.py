@@ -50,8 +50,13 @@ CASES = [
     (1, 2, 1, 97, 31, 40, 24, True, "additive"),
     (1, 1, 1, 17, 23, 256, 256, False, "additive"),
     (2, 3, 3, 5, 129, 8, 8, False, "keypad"),
+    # bottom-right alignment (flash-attn, KV caches): Lq < Lk, and Lq > Lk (the first Lq - Lk rows see no key)
+    (1, 2, 2, BLOCK + 1, 2 * BLOCK + 3, 72, 72, "bottom_right", None),
+    (2, 4, 1, 50, 97, 96, 96, "bottom_right", "bool"),
+    (1, 2, 1, 97, 31, 40, 24, "bottom_right", "additive"),
 ]
-IDS = [f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}v{c[6]}{'-causal' if c[7] else ''}-{c[8]}" for c in CASES]
+CAUSAL_IDS = {False: "", True: "-causal", "bottom_right": "-causal_br"}
+IDS = [f"B{c[0]}H{c[1]}/{c[2]}L{c[3]}x{c[4]}D{c[5]}v{c[6]}{CAUSAL_IDS[c[7]]}-{c[8]}" for c in CASES]
 
 
 def run_case(case, dtype, device, scale=1.0):
@@ -180,7 +185,7 @@ def test_key_padding_mask_is_not_materialised(monkeypatch, dtype):
     """A (B, 1, 1, Lk) mask reaches the kernel as a broadcast view of B x Lk storage (fp32 for biases)."""
     seen = []
     real_call = _registry.call
-    monkeypatch.setattr(_registry, "call", lambda name, *a: seen.append(a[-3]) or real_call(name, *a))
+    monkeypatch.setattr(_registry, "call", lambda name, *a: seen.append(a[-4]) or real_call(name, *a))  # mask, causal, shift, scale
     B, H, L, D = 2, 4, 300, 16
     q, k, v = make((B, H, L, D), (B, H, L, D), D, torch.bfloat16, "cpu")[:3]
     mask = (torch.rand(B, 1, 1, L) > 0.5).to(dtype)

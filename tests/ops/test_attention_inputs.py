@@ -83,16 +83,29 @@ def test_extreme_scale_equals_prescaled_logits(scale):
     torch.testing.assert_close(o_pre.double(), exact, rtol=0, atol=1e-6)
 
 
-# ---- 3. flags: causal must be a bool ---------------------------------------------------------------
-@pytest.mark.parametrize("causal", ["no", 1, 0, None, torch.tensor(True)], ids=["str", "int1", "int0", "None", "tensor"])
-def test_causal_must_be_a_bool(causal):
+# ---- 3. flags: causal is a bool, "top_left" or "bottom_right" ----------------------------------------
+@pytest.mark.parametrize("causal", ["no", "bottom-right", 1, 0, None, torch.tensor(True)],
+                         ids=["str", "misspelt", "int1", "int0", "None", "tensor"])
+def test_causal_must_be_a_bool_or_an_alignment(causal):
     (q, k, v), (tq, tk, tv) = qkv_tangents(1, 2, 2, 5, 5, 8)
-    with pytest.raises(TypeError, match=rf"causal must be a bool, got {type(causal).__name__}"):
+    expected = "causal must be a bool, 'top_left' or 'bottom_right'"
+    with pytest.raises(TypeError, match=rf"{expected}, got {type(causal).__name__}"):
         attention(q, k, v, causal=causal)
-    with pytest.raises(TypeError, match="causal must be a bool"):
+    with pytest.raises(TypeError, match=expected):
         attention_jvp(q, k, v, tq, tk, tv, causal=causal)
     from scm_fast.ops.attention import not_supported_reasons
-    assert any("causal must be a bool" in r for r in not_supported_reasons(q, k, v, causal=causal))
+    assert any(expected in r for r in not_supported_reasons(q, k, v, causal=causal))
+
+
+def test_top_left_is_sdpa_is_causal():
+    """causal=True and "top_left" are SDPA's is_causal; "bottom_right" on Lq = Lk is the same too."""
+    (q, k, v), _ = qkv_tangents(1, 2, 2, 6, 9, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for causal in (True, "top_left"):
+        torch.testing.assert_close(attention(q, k, v, causal=causal), want, rtol=1e-5, atol=1e-6)
+    q2 = q[:, :, :6]
+    k2, v2 = k[:, :, :6], v[:, :, :6]
+    torch.testing.assert_close(attention(q2, k2, v2, causal="bottom_right"), attention(q2, k2, v2, causal=True))
 
 
 @pytest.mark.parametrize("scale", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
