@@ -2,7 +2,8 @@
 
 - `scm_fast.interop.sdpa`: `patch_sdpa()` routes `torch.nn.functional.scaled_dot_product_attention`
   to the fused attention, so torch.func.jvp / forward AD run through models that call SDPA
-  (`unpatch_sdpa`, `sdpa_patched`, the `SDPAPatch` handle).
+  (`unpatch_sdpa`, `sdpa_patched`, the `SDPAPatch` handle); the same patch installs
+  `scm_fast.interop.group_norm`, a group norm whose forward AD works on GroupNorm UNets.
 - `scm_fast.interop.diffusers_norm`: `swap_adaptive_norm(model)` replaces diffusers' adaLN / AdaGN
   modulation with adaptive double normalization on the fused op (`SwapReport`, the `DoubleNorm*`
   replacement modules).

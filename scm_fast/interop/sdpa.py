@@ -58,6 +58,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from scm_fast.interop import group_norm
 from scm_fast.ops import _registry
 from scm_fast.ops.attention import MAX_HEAD_DIM, attention, unsupported
 
@@ -69,7 +70,7 @@ _BUILTIN = torch._C._nn.scaled_dot_product_attention
 
 _lock = threading.RLock()
 _stack = []            # active SDPAPatch handles, the latest last; its options rule
-_installed = {}        # {"original": the SDPA found in torch.nn.functional when the patch went in}
+_installed = {}        # {function name: what torch.nn.functional held when the patch went in}
 _warned = set()        # fallback reasons already warned about
 _rebound = {}          # {(id(module), name): [module, name, original value, number of patches holding it]}
 
@@ -265,7 +266,7 @@ def _warn_once(defer):
 
 
 def _original():
-    return _installed.get("original", _BUILTIN)
+    return _installed.get(_NAME, _BUILTIN)
 
 
 def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
@@ -308,26 +309,33 @@ def _resolve(module):
     return module
 
 
+def _functions():
+    """{name in torch.nn.functional: (scm_fast's replacement, PyTorch's)}: the attention, and the
+    tangent-safe group norm (scm_fast.interop.group_norm) that GroupNorm UNets need under jvp."""
+    return {_NAME: (_PATCHED, _BUILTIN), "group_norm": (group_norm.group_norm, group_norm.BUILTIN)}
+
+
 def _install():
-    current = getattr(F, _NAME)
-    if current is not _PATCHED:
-        _installed["original"] = current
-        setattr(F, _NAME, _PATCHED)
+    for name, (patched, _) in _functions().items():
+        current = getattr(F, name)
+        if current is not patched:
+            _installed[name] = current
+            setattr(F, name, patched)
 
 
 def _uninstall():
-    original = _installed.pop("original", _BUILTIN)
-    if getattr(F, _NAME) is _PATCHED:
-        setattr(F, _NAME, original)
-    else:
-        warnings.warn("scm_fast.unpatch_sdpa: torch.nn.functional.scaled_dot_product_attention was replaced "
-                      "by other code after scm_fast patched it; leaving that replacement in place", UserWarning,
-                      stacklevel=3)
+    for name, (patched, builtin) in _functions().items():
+        original = _installed.pop(name, builtin)
+        if getattr(F, name) is patched:
+            setattr(F, name, original)
+        else:
+            warnings.warn(f"scm_fast.unpatch_sdpa: torch.nn.functional.{name} was replaced by other code after "
+                          "scm_fast patched it; leaving that replacement in place", UserWarning, stacklevel=3)
 
 
 def _rebind(module):
     """Point module's attributes that are PyTorch's SDPA at the patched one; [(key)] of what it holds."""
-    keys, originals = [], (_BUILTIN, _installed.get("original", _BUILTIN))
+    keys, originals = [], (_BUILTIN, _installed.get(_NAME, _BUILTIN))
     for name, value in list(vars(module).items()):
         key = (id(module), name)
         if key in _rebound and value is _PATCHED:  # rebound by another active patch
@@ -394,7 +402,10 @@ class SDPAPatch:
 
 
 def patch_sdpa(*, jvp_only=False, modules=()):
-    """Route torch.nn.functional.scaled_dot_product_attention to scm_fast's fused attention, now.
+    """Route torch.nn.functional.scaled_dot_product_attention to scm_fast's fused attention, now, and
+    torch.nn.functional.group_norm (so nn.GroupNorm) to a tangent-safe one under forward AD
+    (scm_fast.interop.group_norm: non-contiguous inputs, bf16 under autocast; calls without a tangent
+    run PyTorch's).
 
     Returns an SDPAPatch: `with patch_sdpa(): ...` restores the previous SDPA on exit; called on its
     own it is a global switch until `.remove()` or `unpatch_sdpa()`. Patches nest; the latest active
