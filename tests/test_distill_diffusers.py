@@ -290,6 +290,24 @@ def test_scd_resume_is_bit_exact(scd_run, tmp_path, digits, student_folder, teac
 
 
 @pytest.mark.slow
+def test_denser_time_input_teacher_fine_tuned_first(tmp_path, digits, student_folder, teacher_run):
+    """SANA-Sprint's denser time conditioning: the teacher fine-tuned with --time-scale 1 (timestep = s
+    instead of 1000 s) is exported with its time scale; an sCD student of the default scale is refused
+    naming both, and one given --time-scale 1 distils from it."""
+    tuned = tmp_path / "tuned"
+    run([*COMMON, "--model", str(teacher_run / "diffusers"), "--objective", "diffusion", "--time-scale", "1",
+         "--data", str(digits), "--run-dir", str(tuned), *steps(4)])
+    assert "timestep = 1 * s" in log_text(tuned)
+    assert json.loads((tuned / "diffusers" / "scm_fast.json").read_text())["time_scale"] == 1.0
+    scd = [*COMMON, "--model", str(student_folder), "--teacher", str(tuned / "diffusers"), "--objective", "scd",
+           "--data", str(digits)]
+    _fails([*scd, "--run-dir", str(tmp_path / "mismatch")], "time scale 1)", "time scale 1000)")
+    run([*scd, "--time-scale", "1", "--run-dir", str(tmp_path / "scd"), *steps(2)])
+    assert "timestep = 1 * s" in log_text(tmp_path / "scd")
+    assert all(np.isfinite([r["loss"] for r in stats(tmp_path / "scd")]))
+
+
+@pytest.mark.slow
 def test_fsdp2_two_ranks_equal_one(scd_run, tmp_path, digits, student_folder, teacher_run):
     """FSDP2 fully_shard per SD3 block on 2 gloo ranks follows the 1-rank run."""
     d = tmp_path / "fsdp"
