@@ -58,7 +58,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-from scm_fast.interop import group_norm
+from scm_fast.interop import group_norm, linear
 from scm_fast.ops import _registry
 from scm_fast.ops.attention import MAX_HEAD_DIM, attention, unsupported
 
@@ -310,9 +310,11 @@ def _resolve(module):
 
 
 def _functions():
-    """{name in torch.nn.functional: (scm_fast's replacement, PyTorch's)}: the attention, and the
-    tangent-safe group norm (scm_fast.interop.group_norm) that GroupNorm UNets need under jvp."""
-    return {_NAME: (_PATCHED, _BUILTIN), "group_norm": (group_norm.group_norm, group_norm.BUILTIN)}
+    """{name in torch.nn.functional: (scm_fast's replacement, PyTorch's)}: the attention, the
+    tangent-safe group norm (scm_fast.interop.group_norm) that GroupNorm UNets need under jvp, and
+    the linear without a tangent graph in sCM's one pass (scm_fast.interop.linear)."""
+    return {_NAME: (_PATCHED, _BUILTIN), "group_norm": (group_norm.group_norm, group_norm.BUILTIN),
+            "linear": (linear.linear, linear.BUILTIN)}
 
 
 def _install():

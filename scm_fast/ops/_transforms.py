@@ -98,11 +98,16 @@ def constant_tangents():
         _state.constant = before
 
 
+def tangents_are_constant():
+    """Inside constant_tangents."""
+    return getattr(_state, "constant", False)
+
+
 def may_need_grad(tensors):
     """Whether a reverse pass may differentiate a result of `tensors`: grad mode on, outside
     constant_tangents, and one of them (or the tensor under its torch.func wrappers) requires grad,
     or a torch.func.grad level is open."""
-    if not torch.is_grad_enabled() or getattr(_state, "constant", False):
+    if not torch.is_grad_enabled() or tangents_are_constant():
         return False
     return any(_unwrapped(x).requires_grad for x in tensors) or bool(_levels(_functorch.TransformType.Grad))
 
