@@ -407,7 +407,8 @@ def patch_sdpa(*, jvp_only=False, modules=()):
     """Route torch.nn.functional.scaled_dot_product_attention to scm_fast's fused attention, now, and
     torch.nn.functional.group_norm (so nn.GroupNorm) to a tangent-safe one under forward AD
     (scm_fast.interop.group_norm: non-contiguous inputs, bf16 under autocast; calls without a tangent
-    run PyTorch's).
+    run PyTorch's), and torch.nn.functional.linear to one without a tangent graph inside
+    scm_fast.ops.constant_tangents (scm_fast.interop.linear; sCM's one pass).
 
     Returns an SDPAPatch: `with patch_sdpa(): ...` restores the previous SDPA on exit; called on its
     own it is a global switch until `.remove()` or `unpatch_sdpa()`. Patches nest; the latest active
