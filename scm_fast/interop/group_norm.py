@@ -11,14 +11,11 @@ and tangent in the dtype PyTorch gives the output: the input's, or fp32 where au
 norm to fp32 (CUDA). Calls without a tangent go to PyTorch unchanged.
 """
 import torch
-import torch.autograd.forward_ad as fwAD
+
+from scm_fast.ops._transforms import has_tangent
 
 BUILTIN = torch.nn.functional.group_norm
 _AUTOCAST_FP32 = ("cuda",)  # device types whose autocast runs group_norm in fp32 (CPU's keeps the input dtype)
-
-
-def _has_tangent(*xs):
-    return any(x is not None and fwAD.unpack_dual(x).tangent is not None for x in xs)
 
 
 def _output_dtype(x):
@@ -31,7 +28,7 @@ def _output_dtype(x):
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """torch.nn.functional.group_norm; with a forward-AD tangent on input, weight or bias: on a
     contiguous fp32 copy (module docstring), output and tangent in the output's dtype."""
-    if not _has_tangent(input, weight, bias):
+    if not has_tangent(input, weight, bias):
         return BUILTIN(input, num_groups, weight, bias, eps)
     compute = torch.float64 if input.dtype == torch.float64 else torch.float32
     with torch.autocast(input.device.type, enabled=False):

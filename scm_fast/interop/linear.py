@@ -8,7 +8,6 @@ a call whose input, weight or bias carries a tangent goes through scm_fast.nn's 
 has exact values and no graph; every other call is PyTorch's.
 """
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from scm_fast.nn import _LinearFn, under_autocast
 from scm_fast.ops import _transforms
@@ -18,7 +17,6 @@ BUILTIN = torch.nn.functional.linear
 
 def linear(input, weight, bias=None):
     """torch.nn.functional.linear; in constant_tangents with a tangent: scm_fast.nn's (module docstring)."""
-    if _transforms.tangents_are_constant() and any(
-            x is not None and fwAD.unpack_dual(x).tangent is not None for x in (input, weight, bias)):
+    if _transforms.tangents_are_constant() and _transforms.has_tangent(input, weight, bias):
         return under_autocast(_LinearFn.apply, input, weight, bias)
     return BUILTIN(input, weight, bias)

@@ -55,11 +55,10 @@ import types
 import warnings
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from scm_fast.interop import group_norm, linear
-from scm_fast.ops import _registry
+from scm_fast.ops import _registry, _transforms
 from scm_fast.ops.attention import MAX_HEAD_DIM, attention, unsupported
 
 __all__ = ["SDPAPatch", "patch_sdpa", "sdpa_patched", "unpatch_sdpa"]
@@ -254,10 +253,6 @@ def _fused(query, folded, is_causal, scale):
     return out.reshape(*query.shape[:-1], v.shape[-1])
 
 
-def _has_tangent(*xs):
-    return any(fwAD.unpack_dual(x).tangent is not None for x in xs)
-
-
 def _warn_once(defer):
     if defer.warn and defer.key not in _warned:
         _warned.add(defer.key)
@@ -281,7 +276,7 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, 
     try:
         _check_scalars(dropout_p, is_causal)
         _check_tensors(query, key, value)
-        if handle.jvp_only and not _has_tangent(query, key, value):
+        if handle.jvp_only and not _transforms.has_tangent(query, key, value):
             return _original()(*args, **kwargs)
         dtype = _autocast_dtype(query)
         q, k, v, mask = (_cast(x, dtype) for x in (query, key, value, attn_mask))

@@ -98,6 +98,16 @@ def constant_tangents():
         _state.constant = before
 
 
+def has_tangent(*xs):
+    """Whether any of xs (None allowed) carries a forward-AD tangent (torch.func.jvp or forward_ad)."""
+    return any(x is not None and fwAD.unpack_dual(x).tangent is not None for x in xs)
+
+
+def zeros_for_none(xs, ts):
+    """ts with each None replaced by zeros like the matching x (a jvp rule's absent tangents)."""
+    return tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, ts))
+
+
 def tangents_are_constant():
     """Inside constant_tangents."""
     return getattr(_state, "constant", False)

@@ -175,12 +175,13 @@ class _AdaptiveNorm(torch.autograd.Function):
     def jvp(ctx, tx, tscale, tshift, tw, tbias, *_):
         _transforms.check_jvp(ctx.uses, (tx, tscale, tshift, tw, tbias))
         x, scale, shift, weight, bias, mean, rstd = ctx.saved_tensors
-        tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, tx), (scale, tscale), (shift, tshift))]
+        tangents = _transforms.zeros_for_none((x, scale, shift), (tx, tscale, tshift))
         with torch.no_grad():  # the kernel has no autograd; _differentiable_tangent gives ty its gradient
             ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
             if tw is not None or tbias is not None:
                 ty = ty + _affine_tangent(x, scale, mean, rstd, tw, tbias, ctx.config)
-        return _differentiable_tangent(ctx, ty, (x, scale, shift, weight, bias), (*tangents, tw, tbias)), None, None
+        ty = _differentiable_tangent(ctx, ty, (x, scale, shift, weight, bias), (*tangents, tw, tbias))
+        return ty, None, None
 
 
 class _AdaptiveNormFused(torch.autograd.Function):
@@ -215,13 +216,15 @@ class _AdaptiveNormFused(torch.autograd.Function):
         if gx is None and gscale is None and gshift is None:
             return None, None, None, None
         x, scale, shift, weight, bias, *fused = ctx.saved_tensors
-        tangents = [torch.zeros_like(p) if t is None else t for p, t in ((x, gx), (scale, gscale), (shift, gshift))]
+        tangents = _transforms.zeros_for_none((x, scale, shift), (gx, gscale, gshift))
         if ctx.fused:
             (ty,) = fused
         else:  # an outer forward AD over explicit-tangent code
             with torch.no_grad():  # as in _AdaptiveNorm.jvp
-                ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias, *ctx.config)[3]
-        return _differentiable_tangent(ctx, ty, (x, scale, shift, weight, bias), (*tangents, None, None)), None, None, None
+                ty = _registry.call("adaptive_norm_fwd_jvp", x, scale, shift, *tangents, weight, bias,
+                                    *ctx.config)[3]
+        ty = _differentiable_tangent(ctx, ty, (x, scale, shift, weight, bias), (*tangents, None, None))
+        return ty, None, None, None
 
 
 def _differentiable_tangent(ctx, ty, primals, tangents):

@@ -164,7 +164,8 @@ def _scale_reasons(scale):
 def _causal_reasons(causal):
     if isinstance(causal, bool) or (isinstance(causal, str) and causal in ("top_left", "bottom_right")):
         return []
-    return [Unsupported("causal", f"causal must be a bool, 'top_left' or 'bottom_right', got {type(causal).__name__} {causal!r}", TypeError)]
+    got = f"{type(causal).__name__} {causal!r}"
+    return [Unsupported("causal", f"causal must be a bool, 'top_left' or 'bottom_right', got {got}", TypeError)]
 
 
 def _backend_reasons(q):
@@ -305,7 +306,7 @@ class _Attention(torch.autograd.Function):
     def jvp(ctx, tq, tk, tv, *_):
         _transforms.check_jvp(ctx.uses, (tq, tk, tv))
         q, k, v = ctx.saved_tensors
-        tq, tk, tv = _zeros_for_none((q, k, v), (tq, tk, tv))
+        tq, tk, tv = _transforms.zeros_for_none((q, k, v), (tq, tk, tv))
         with torch.no_grad():  # the kernel has no autograd; _differentiable_tangent gives to its gradient
             _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.shift,
                                       ctx.scale)
@@ -313,8 +314,8 @@ class _Attention(torch.autograd.Function):
 
 
 class _AttentionFused(torch.autograd.Function):
-    """(o, lse, to) of (q, k, v, tq, tk, tv) in one kernel launch. `to` has no graph here (jvp and attention_jvp
-    give the tangent one: _transforms.differentiable_tangent).
+    """(o, lse, to) of (q, k, v, tq, tk, tv) in one kernel launch. `to` has no graph here (jvp and
+    attention_jvp give the tangent one: _transforms.differentiable_tangent).
 
     With `tangents_of_inputs` the caller guarantees that (tq, tk, tv) ARE the forward-AD tangents of
     (q, k, v), so jvp returns the `to` already computed: one pass instead of two.
@@ -353,16 +354,12 @@ class _AttentionFused(torch.autograd.Function):
             to, q, k, v = ctx.saved_tensors
         else:  # an outer forward AD over explicit-tangent code: the JVP along (gq, gk, gv)
             q, k, v = ctx.saved_tensors
-        gq, gk, gv = _zeros_for_none((q, k, v), (gq, gk, gv))
+        gq, gk, gv = _transforms.zeros_for_none((q, k, v), (gq, gk, gv))
         if not ctx.fused:
             with torch.no_grad():  # as in _Attention.jvp
                 _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.shift,
                                           ctx.scale)
         return _differentiable_tangent(ctx, to, q, k, v, gq, gk, gv), None, None
-
-
-def _zeros_for_none(xs, ts):
-    return tuple(torch.zeros_like(x) if t is None else t for x, t in zip(xs, ts))
 
 
 def _tangent_reference(mask, causal, shift, scale):
@@ -400,7 +397,7 @@ def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
     scale = _scale_value(scale, q)
     is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
     uses = _transforms.Uses("attention")
-    if any(fwAD.unpack_dual(x).tangent is not None for x in (q, k, v)):
+    if _transforms.has_tangent(q, k, v):
         tangents = [_tangent_or_zeros(x) for x in (q, k, v)]
         o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, is_causal, shift, scale, True, uses)
         return o
