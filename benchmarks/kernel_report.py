@@ -57,10 +57,11 @@ KINDS = ("fwd", "fwd_jvp", "jvp", "bwd_dkdv", "bwd_dq", "bwd_delta")
 KERNELS = {"fwd": aj._attn_fwd_kernel, "fwd_jvp": aj._attn_fwd_kernel, "jvp": aj._attn_jvp_kernel,
            "bwd_dkdv": aj._attn_bwd_dkdv_kernel, "bwd_dq": aj._attn_bwd_dq_kernel,
            "bwd_delta": aj._attn_bwd_delta_kernel}
-INT_ARGS = {"H", "GROUP", "Lq", "Lk", "D", "DV"}
+INT_ARGS = {"H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k"}
 FP32_PTRS = {"Mask", "LSE", "Delta", "RowMax"}
 INT32_PTRS = {"ArgMax"}
-UNALIGNED = {"H", "GROUP"}
+INT8_PTRS = {"Blocks", "Live"}  # a block mask's bool blocks (as uint8) and its tile states
+UNALIGNED = {"H", "GROUP", "block_q", "block_k"}
 UNIT_STRIDES = {"stride_mn"}  # attention._mask_args gives every mask a unit key stride
 NORM_KINDS = ("norm_fwd", "norm_fwd_jvp", "norm_bwd", "norm_finish")
 NORM_CASES = (("layer", True, 4096, 1), ("rms", True, 4096, 1), ("rms", False, 4096, 1), ("group", False, 4096, 32))
@@ -96,15 +97,17 @@ def _arg_type(name, dtype):
         return "i32"
     if name in INT32_PTRS:
         return "*i32"
+    if name in INT8_PTRS:
+        return "*i8"
     return "*fp32" if name in FP32_PTRS else "*" + dtype
 
 
-def _source(kind, dtype, block_d, block_m, block_n):
+def _source(kind, dtype, block_d, block_m, block_n, blocks=False):
     fn = KERNELS[kind]
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=True,
                  MASK_IS_BOOL=False, IS_CAUSAL=True, BOTTOM_RIGHT=False, HAS_TANGENT=kind == "fwd_jvp",
                  PDS_FP32=dtype == "fp16", UPCAST=False, INPUT_PRECISION="tf32", S_AS_FWD=False,
-                 STORE_MAX=kind == "fwd" and aj.two_pass(block_d))
+                 STORE_MAX=kind == "fwd" and aj.two_pass(block_d), HAS_BLOCKS=blocks)
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -127,14 +130,15 @@ def _resource_usage(cubin):
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
-def compile_config(kind, dtype, block_d, cfg, arch):
-    """One report row: resources of `kind` compiled for sm_`arch`, or an `error` entry."""
+def compile_config(kind, dtype, block_d, cfg, arch, blocks=False):
+    """One report row: resources of `kind` (with blocks: its block-sparse variant, kernel `kind+blocks`)
+    compiled for sm_`arch`, or an `error` entry."""
     block_m, block_n, num_warps, num_stages = cfg
-    row = dict(kernel=kind, target=f"sm_{arch}", dtype=dtype, block_d=block_d, block_m=block_m,
-               block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    row = dict(kernel=kind + "+blocks" * (blocks and kind != "bwd_delta"), target=f"sm_{arch}", dtype=dtype,
+               block_d=block_d, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     start = time.perf_counter()
     try:
-        k = triton.compile(_source(kind, dtype, block_d, block_m, block_n), target=GPUTarget("cuda", arch, 32),
+        k = triton.compile(_source(kind, dtype, block_d, block_m, block_n, blocks), target=GPUTarget("cuda", arch, 32),
                            options=dict(num_warps=num_warps, num_stages=num_stages))
         usage = _resource_usage(k.asm["cubin"])
     except Exception as e:  # noqa: BLE001 - a failing config is a report row, not a crash
@@ -163,7 +167,7 @@ def occupancy(regs, num_warps, smem, arch):
 def spill_exception(row):
     """The DOCUMENTED_SPILLS reason for `row`'s group, or None."""
     for dtype in (row["dtype"], None):
-        reason = DOCUMENTED_SPILLS.get((row["kernel"], row["block_d"], dtype))
+        reason = DOCUMENTED_SPILLS.get((row["kernel"].removesuffix("+blocks"), row["block_d"], dtype))
         if reason:
             return reason
     return None
@@ -238,14 +242,14 @@ def compile_norm_config(kind, dtype, channels, cfg, arch):
 
 
 def report(kinds=KINDS, dtypes=("fp16", "bf16"), archs=(80, 90), block_ds=(64, 128, 256),
-           defaults_only=False, norm_cs=NORM_C):
-    """Rows for every kind x arch x dtype x BLOCK_D x config (only the first config if defaults_only);
-    norm kinds: kind x arch x dtype x C (norm_cs) x case."""
+           defaults_only=False, norm_cs=NORM_C, blocks=False):
+    """Rows for every kind x arch x dtype x BLOCK_D x config (only the first config if defaults_only;
+    blocks: the block-sparse variants); norm kinds: kind x arch x dtype x C (norm_cs) x case."""
     if not isinstance(aj._attn_fwd_kernel, triton.runtime.JITFunction):  # TRITON_INTERPRET=1
-        return _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs)
+        return _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs, blocks)
     with triton.knobs.compilation.scope():
         triton.knobs.compilation.always_compile = True  # time real compiles, not cache hits
-        rows = [compile_config(kind, dtype, block_d, cfg, arch)
+        rows = [compile_config(kind, dtype, block_d, cfg, arch, blocks)
                 for kind in kinds if kind not in NORM_KINDS for arch in archs for dtype in dtypes
                 for block_d in block_ds for cfg in configs(kind, block_d, dtype, arch)[:1 if defaults_only else None]]
         return rows + [compile_norm_config(kind, dtype, channels, cfg, arch)
@@ -253,14 +257,14 @@ def report(kinds=KINDS, dtypes=("fp16", "bf16"), archs=(80, 90), block_ds=(64, 1
                        for channels in norm_cs for cfg in norm_configs(kind, dtype, channels)]
 
 
-def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs=NORM_C):
+def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs=NORM_C, blocks=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, __file__, "--json", path, "--kinds", ",".join(kinds),
                "--dtypes", ",".join(dtypes), "--arch", ",".join(map(str, archs)),
                "--block-d", ",".join(map(str, block_ds)),
-               "--norm-c", ",".join(map(str, norm_cs))] + ["--defaults-only"] * defaults_only
+               "--norm-c", ",".join(map(str, norm_cs))] + ["--defaults-only"] * defaults_only + ["--blocks"] * blocks
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
         with open(path) as f:
             return json.load(f)
@@ -296,12 +300,15 @@ def main():
     ap.add_argument("--block-d", type=_csv(int), default=[64, 128, 256])
     ap.add_argument("--norm-c", type=_csv(int), default=list(NORM_C), help="channels C of the norm kernels")
     ap.add_argument("--defaults-only", action="store_true", help="only the first config of each list")
+    ap.add_argument("--blocks", action="store_true",
+                    help="compile the attention kernels' block-sparse variants (HAS_BLOCKS: a block_mask) instead of "
+                         "the dense ones")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON instead of a table")
     args = ap.parse_args()
     unknown = set(args.kinds) - set(KINDS + NORM_KINDS)
     if unknown:
         ap.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS + NORM_KINDS)}")
-    rows = report(args.kinds, args.dtypes, args.arch, args.block_d, args.defaults_only, args.norm_c)
+    rows = report(args.kinds, args.dtypes, args.arch, args.block_d, args.defaults_only, args.norm_c, args.blocks)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,7 +1,10 @@
 // Fused attention with tangents: op schemas and the C++ CPU kernels (scm-reference.md §7).
 //
 // q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv) with Hq a multiple of Hk; mask is None or
-// expanded to (B, Hq, Lq, Lk), bool (true = attend) or additive; lse is (B, Hq, Lq) in fp32.
+// expanded to (B, Hq, Lq, Lk), bool (true = attend) or additive; lse is (B, Hq, Lq) in fp32; blocks is
+// None or a bool block mask expanded to (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k))
+// (scm_fast/ops/attention_blocks.py): tiles that meet no live block are skipped, keys in dead blocks of
+// a live tile are -inf.
 //
 // The public ops (attention_fwd, attention_fwd_jvp, attention_bwd) get their CPU and CUDA kernels
 // from Python (scm_fast/ops/_registry.py chooses a backend; CUDA runs kernels/attention.py). The
@@ -40,12 +43,13 @@ constexpr int64_t kBlockM = 128;
 constexpr int64_t kBlockN = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-const char* kFwdArgs = "(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, int causal_shift, float scale)"
-                       " -> (Tensor out, Tensor lse)";
-const char* kFwdJvpArgs = "(Tensor q, Tensor k, Tensor v, Tensor tq, Tensor tk, Tensor tv, Tensor? mask,"
-                          " bool causal, int causal_shift, float scale) -> (Tensor out, Tensor lse, Tensor tout)";
-const char* kBwdArgs = "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask,"
-                       " bool causal, int causal_shift, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)";
+#define SCM_MASKS "Tensor? mask, Tensor? blocks, int block_q, int block_k, bool causal, int causal_shift, float scale"
+const char* kFwdArgs = "(Tensor q, Tensor k, Tensor v, " SCM_MASKS ") -> (Tensor out, Tensor lse)";
+const char* kFwdJvpArgs = "(Tensor q, Tensor k, Tensor v, Tensor tq, Tensor tk, Tensor tv, " SCM_MASKS
+                          ") -> (Tensor out, Tensor lse, Tensor tout)";
+const char* kBwdArgs = "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, " SCM_MASKS
+                       ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)";
+#undef SCM_MASKS
 
 struct Dims {
   int64_t B, H, Hk, Lq, Lk, D, Dv;
@@ -85,6 +89,64 @@ struct MaskView {
     }
   }
 };
+
+// Block mask: key j visible to query i only if blocks[b, h, i / bq, j / bk] (strides kept: no expansion).
+struct BlockView {
+  const bool* keep = nullptr;
+  int64_t sb = 0, sh = 0, sm = 0, sn = 0, bq = 1, bk = 1;
+
+  bool empty() const { return keep == nullptr; }
+  bool at(int64_t b, int64_t h, int64_t r, int64_t c) const { return keep[b * sb + h * sh + r * sm + c * sn]; }
+  // The tile of queries [i0, i0 + bm) x keys [j0, j0 + bn): 0 if it meets no live block (skipped), 2 if
+  // every block it meets is live (no key check), 1 otherwise.
+  int state(int64_t b, int64_t h, int64_t i0, int64_t bm, int64_t j0, int64_t bn) const {
+    if (empty()) return 2;
+    int64_t live = 0, total = 0;
+    for (int64_t r = i0 / bq; r <= (i0 + bm - 1) / bq; ++r) {
+      for (int64_t c = j0 / bk; c <= (j0 + bn - 1) / bk; ++c, ++total) live += at(b, h, r, c);
+    }
+    return live == 0 ? 0 : live == total ? 2 : 1;
+  }
+  // row[j] = -inf for the keys j0 + j (j < n) in query i's dead blocks.
+  void mask_row(float* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    for (int64_t j = 0; j < n;) {
+      const int64_t c = (j0 + j) / bk, stop = std::min(n, (c + 1) * bk - j0);
+      if (at(b, h, i / bq, c)) {
+        j = stop;
+      } else {
+        for (; j < stop; ++j) row[j] = kNegInf;
+      }
+    }
+  }
+};
+
+// Tile sizes: with a block mask of blocks from 32 to the default tile, tiles are its blocks (a dead block
+// is a skipped tile); otherwise kBlockM x kBlockN.
+struct Tiles {
+  int64_t m = kBlockM, n = kBlockN;
+};
+
+Tiles tiles_for(const BlockView& bv) {
+  Tiles t;
+  if (bv.empty()) return t;
+  if (bv.bq >= 32 && bv.bq <= kBlockM) t.m = bv.bq;
+  if (bv.bk >= 32 && bv.bk <= kBlockN) t.n = bv.bk;
+  return t;
+}
+
+BlockView block_view(const c10::optional<at::Tensor>& blocks, int64_t bq, int64_t bk, const Dims& d) {
+  BlockView bv;
+  if (!blocks.has_value()) return bv;
+  TORCH_CHECK(bq > 0 && bk > 0, "attention: block_q and block_k must be positive, got ", bq, ", ", bk);
+  TORCH_CHECK(blocks->scalar_type() == at::kBool, "attention: blocks must be bool, got ", blocks->scalar_type());
+  TORCH_CHECK(blocks->sizes() == at::IntArrayRef({d.B, d.H, (d.Lq + bq - 1) / bq, (d.Lk + bk - 1) / bk}),
+              "attention: blocks must be expanded to (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k)) = (", d.B, ", ",
+              d.H, ", ", (d.Lq + bq - 1) / bq, ", ", (d.Lk + bk - 1) / bk, "), got ", blocks->sizes());
+  bv.keep = blocks->data_ptr<bool>();
+  bv.sb = blocks->stride(0), bv.sh = blocks->stride(1), bv.sm = blocks->stride(2), bv.sn = blocks->stride(3);
+  bv.bq = bq, bv.bk = bk;
+  return bv;
+}
 
 at::Tensor f32(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
@@ -162,10 +224,10 @@ struct FwdTensors {
 };
 
 // One (batch, head, query block): online softmax over key tiles, forward and (optionally) JVP.
-void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, Causal causal, float tau, int64_t b,
-               int64_t h, int64_t i0, FwdBuffers& buf) {
+void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, const BlockView& bv, Tiles tiles,
+               Causal causal, float tau, int64_t b, int64_t h, int64_t i0, FwdBuffers& buf) {
   const bool tangent = t.tq != nullptr;
-  const int64_t bm = std::min(kBlockM, d.Lq - i0), hk = h / (d.H / d.Hk);
+  const int64_t bm = std::min(tiles.m, d.Lq - i0), hk = h / (d.H / d.Hk);
   const int64_t q_off = ((b * d.H + h) * d.Lq + i0) * d.D, o_off = ((b * d.H + h) * d.Lq + i0) * d.Dv;
   const int64_t k_off = (b * d.Hk + hk) * d.Lk * d.D, v_off = (b * d.Hk + hk) * d.Lk * d.Dv;
   float *S = buf.s.data(), *TS = buf.ts.data(), *acc = buf.acc.data(), *tacc = buf.tacc.data();
@@ -176,8 +238,10 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, Causal ca
   std::fill(buf.acc.begin(), buf.acc.end(), 0.f);
   std::fill(buf.tacc.begin(), buf.tacc.end(), 0.f);
   const int64_t hi = causal.end(i0, bm, d.Lk);
-  for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
-    const int64_t bn = std::min(kBlockN, hi - j0);
+  for (int64_t j0 = 0; j0 < hi; j0 += tiles.n) {
+    const int64_t bn = std::min(tiles.n, hi - j0);
+    const int state = bv.state(b, h, i0, bm, j0, bn);
+    if (state == 0) continue;  // no live block: nothing visible in this tile
     const float *K = t.k + k_off + j0 * d.D, *V = t.v + v_off + j0 * d.Dv;
     gemm_rm(false, true, bm, bn, d.D, tau, t.q + q_off, d.D, K, d.D, 0.f, S, kBlockN);  // tau Q K^T
     if (tangent) {  // dS = tau tQ K^T + tau Q tK^T
@@ -187,6 +251,7 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, Causal ca
     for (int64_t i = 0; i < bm; ++i) {
       float* row = S + i * kBlockN;
       mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, b, h, i0 + i, j0);
+      if (state == 1) bv.mask_row(row, bn, b, h, i0 + i, j0);
       const float tile_max = row_max(row, bn), m_old = buf.m[i], m_new = std::max(m_old, tile_max);
       const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
       const float alpha = exp_fast(m_old - m_safe), l_old = buf.l[i] * alpha;
@@ -215,8 +280,11 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, Causal ca
 
 std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor* tq_,
                                  const at::Tensor* tk_, const at::Tensor* tv_, const c10::optional<at::Tensor>& mask,
-                                 Causal causal, double scale) {
+                                 const c10::optional<at::Tensor>& blocks, int64_t bq, int64_t bk, Causal causal,
+                                 double scale) {
   const Dims d = check_inputs(q_, k_, v_, mask);
+  const BlockView bv = block_view(blocks, bq, bk, d);
+  const Tiles tiles = tiles_for(bv);
   const bool tangent = tq_ != nullptr;
   at::Tensor q = f32(q_), k = f32(k_), v = f32(v_), tq, tk, tv, mask_holder;
   if (tangent) tq = f32(*tq_), tk = f32(*tk_), tv = f32(*tv_);
@@ -228,12 +296,12 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, con
                      tangent ? tq.data_ptr<float>() : nullptr, tangent ? tk.data_ptr<float>() : nullptr,
                      tangent ? tv.data_ptr<float>() : nullptr, o.data_ptr<float>(), lse.data_ptr<float>(),
                      tangent ? to.data_ptr<float>() : nullptr};
-  const int64_t n_mblocks = (d.Lq + kBlockM - 1) / kBlockM;
+  const int64_t n_mblocks = (d.Lq + tiles.m - 1) / tiles.m;
   at::parallel_for(0, d.B * d.H * n_mblocks, 1, [&](int64_t begin, int64_t end) {
     FwdBuffers buf(d.Dv, tangent);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / n_mblocks;
-      fwd_block(t, d, mv, causal, float(scale), bh / d.H, bh % d.H, (task % n_mblocks) * kBlockM, buf);
+      fwd_block(t, d, mv, bv, tiles, causal, float(scale), bh / d.H, bh % d.H, (task % n_mblocks) * tiles.m, buf);
     }
   });
   const auto dtype = q_.scalar_type();
@@ -242,37 +310,42 @@ std::vector<at::Tensor> fwd_impl(const at::Tensor& q_, const at::Tensor& k_, con
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                     const c10::optional<at::Tensor>& mask, bool causal,
-                                                     int64_t shift, double scale) {
-  auto r = fwd_impl(q, k, v, nullptr, nullptr, nullptr, mask, Causal{causal, shift}, scale);
+                                                     const c10::optional<at::Tensor>& mask,
+                                                     const c10::optional<at::Tensor>& blocks, int64_t bq, int64_t bk,
+                                                     bool causal, int64_t shift, double scale) {
+  auto r = fwd_impl(q, k, v, nullptr, nullptr, nullptr, mask, blocks, bq, bk, Causal{causal, shift}, scale);
   return {r[0], r[1]};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_fwd_jvp_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tq, const at::Tensor& tk,
-    const at::Tensor& tv, const c10::optional<at::Tensor>& mask, bool causal, int64_t shift, double scale) {
+    const at::Tensor& tv, const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& blocks, int64_t bq,
+    int64_t bk, bool causal, int64_t shift, double scale) {
   TORCH_CHECK(tq.sizes() == q.sizes() && tk.sizes() == k.sizes() && tv.sizes() == v.sizes(),
               "attention_fwd_jvp: tangents must match q, k, v in shape, got ", tq.sizes(), ", ", tk.sizes(), ", ",
               tv.sizes());
-  auto r = fwd_impl(q, k, v, &tq, &tk, &tv, mask, Causal{causal, shift}, scale);
+  auto r = fwd_impl(q, k, v, &tq, &tk, &tv, mask, blocks, bq, bk, Causal{causal, shift}, scale);
   return {r[0], r[1], r[2]};
 }
 
 // One (batch, query head): dQ for its rows and its share of dK, dV (summed over the group later).
 void bwd_head(const float* q, const float* k, const float* v, const float* dO, const float* lse, const float* delta,
-              float* dq, float* dk, float* dv, const Dims& d, const MaskView& mv, Causal causal, float tau, int64_t b,
-              int64_t h, std::vector<float>& P, std::vector<float>& dS) {
-  for (int64_t i0 = 0; i0 < d.Lq; i0 += kBlockM) {
-    const int64_t bm = std::min(kBlockM, d.Lq - i0);
+              float* dq, float* dk, float* dv, const Dims& d, const MaskView& mv, const BlockView& bv, Tiles tiles,
+              Causal causal, float tau, int64_t b, int64_t h, std::vector<float>& P, std::vector<float>& dS) {
+  for (int64_t i0 = 0; i0 < d.Lq; i0 += tiles.m) {
+    const int64_t bm = std::min(tiles.m, d.Lq - i0);
     const float *Q = q + i0 * d.D, *DO = dO + i0 * d.Dv;
     const int64_t hi = causal.end(i0, bm, d.Lk);
-    for (int64_t j0 = 0; j0 < hi; j0 += kBlockN) {
-      const int64_t bn = std::min(kBlockN, hi - j0);
+    for (int64_t j0 = 0; j0 < hi; j0 += tiles.n) {
+      const int64_t bn = std::min(tiles.n, hi - j0);
+      const int state = bv.state(b, h, i0, bm, j0, bn);
+      if (state == 0) continue;  // no live block: p = 0 here
       gemm_rm(false, true, bm, bn, d.D, tau, Q, d.D, k + j0 * d.D, d.D, 0.f, P.data(), kBlockN);  // as forward
       gemm_rm(false, true, bm, bn, d.Dv, 1.f, DO, d.Dv, v + j0 * d.Dv, d.Dv, 0.f, dS.data(), kBlockN);
       for (int64_t i = 0; i < bm; ++i) {
         float *row = P.data() + i * kBlockN, *drow = dS.data() + i * kBlockN;
         mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, b, h, i0 + i, j0);
+        if (state == 1) bv.mask_row(row, bn, b, h, i0 + i, j0);
         const float l = lse[i0 + i] == kNegInf ? -kNegInf : lse[i0 + i], dl = delta[i0 + i];
         exp_sub_sum(row, bn, l);  // P = exp(S - lse)
 #pragma omp simd
@@ -287,9 +360,11 @@ void bwd_head(const float* q, const float* k, const float* v, const float* dO, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& out, const at::Tensor& lse_, const c10::optional<at::Tensor>& mask, bool causal, int64_t shift,
-    double scale) {
+    const at::Tensor& out, const at::Tensor& lse_, const c10::optional<at::Tensor>& mask,
+    const c10::optional<at::Tensor>& blocks, int64_t bq, int64_t bk, bool causal, int64_t shift, double scale) {
   const Dims d = check_inputs(q_, k_, v_, mask);
+  const BlockView bv = block_view(blocks, bq, bk, d);
+  const Tiles tiles = tiles_for(bv);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({d.B, d.H, d.Lq, d.Dv}),
               "attention_bwd: grad_out and out must be (B, Hq, Lq, Dv), got ", grad_out.sizes(), ", ", out.sizes());
   TORCH_CHECK(lse_.sizes() == at::IntArrayRef({d.B, d.H, d.Lq}), "attention_bwd: lse must be (B, Hq, Lq), got ",
@@ -309,7 +384,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                v.data_ptr<float>() + bhk * d.Lk * d.Dv, dO.data_ptr<float>() + bh * d.Lq * d.Dv,
                lse.data_ptr<float>() + bh * d.Lq, delta.data_ptr<float>() + bh * d.Lq,
                dq.data_ptr<float>() + bh * d.Lq * d.D, dk.data_ptr<float>() + bh * d.Lk * d.D,
-               dv.data_ptr<float>() + bh * d.Lk * d.Dv, d, mv, Causal{causal, shift}, float(scale), b, h, P, dS);
+               dv.data_ptr<float>() + bh * d.Lk * d.Dv, d, mv, bv, tiles, Causal{causal, shift}, float(scale), b, h,
+               P, dS);
     }
   });
   if (G > 1) {  // GQA: a key head's gradient sums over the query heads that share it

@@ -10,6 +10,8 @@ Supported: fp32, fp16, bf16 (fp32 accumulation and statistics; fp64 on the refer
 dims up to 256 (any, no padding by the caller), Lq != Lk, GQA/MQA (Hq a multiple of Hk), causal
 (SDPA's top-left alignment), attn_mask bool (True = attend) or additive, broadcastable to
 (B, Hq, Lq, Lk) and never materialised. The mask is a constant: it takes no gradient and no tangent.
+block_mask (scm_fast.ops.attention_blocks): a BlockSparse, a flex_attention BlockMask or a mask_mod;
+the kernels skip the tiles that meet no live block, in the forward, forward + JVP and backward.
 causal is False, True or 'top_left' (SDPA's is_causal), or 'bottom_right' (key j visible to query i iff
 j <= i + Lk - Lq, as flash-attn); scale a finite float or None (1 / sqrt(D)).
 
@@ -43,11 +45,12 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scm_fast.ops import _registry, _transforms
+from scm_fast.ops.attention_blocks import BlockSparse, from_flex, from_mask_mod, is_flex_block_mask
 from scm_fast.ops.attention_ref import (attention_bwd_reference, attention_fwd_reference,
                                         attention_fwd_jvp_reference, attention_ref, causal_shift)
 from scm_fast.precision import accumulation_dtype
 
-__all__ = ["attention", "attention_jvp", "attention_ref", "not_supported_reasons"]
+__all__ = ["BlockSparse", "attention", "attention_jvp", "attention_ref", "not_supported_reasons"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -168,6 +171,59 @@ def _causal_reasons(causal):
     return [Unsupported("causal", f"causal must be a bool, 'top_left' or 'bottom_right', got {got}", TypeError)]
 
 
+def _block_mask_reasons(block_mask, q, k):
+    """A BlockSparse, a flex_attention BlockMask or a mask_mod (attention_blocks), of q's and k's shape."""
+    if block_mask is None:
+        return []
+    if is_flex_block_mask(block_mask):
+        return _flex_reasons(block_mask, q, k)
+    if callable(block_mask) and not isinstance(block_mask, (BlockSparse, torch.Tensor)):
+        return []  # a mask_mod: create_block_mask raises on its own errors
+    if not isinstance(block_mask, BlockSparse):
+        return [Unsupported("block_mask_type", "block_mask must be a scm_fast.ops.BlockSparse, a flex_attention "
+                            f"BlockMask or a mask_mod, got {type(block_mask).__name__}", TypeError)]
+    blocks, bq, bk = block_mask
+    if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.bool:
+        return [Unsupported("block_mask_dtype", "block_mask.blocks must be a bool tensor, got "
+                            f"{getattr(blocks, 'dtype', type(blocks).__name__)}", TypeError)]
+    for name, size in (("block_q", bq), ("block_k", bk)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            return [Unsupported("block_size", f"block_mask.{name} must be a positive int, got {size!r}", ValueError)]
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
+        return []
+    out = []
+    if blocks.device != q.device:
+        out.append(Unsupported("block_mask_device", f"block_mask.blocks is on {blocks.device} but q is on {q.device}",
+                               ValueError))
+    full = _blocks_shape(q, k, bq, bk)
+    if blocks.dim() != 4 or any(n not in (1, f) for n, f in zip(blocks.shape[:2], full[:2])) or \
+            tuple(blocks.shape[2:]) != full[2:]:
+        out.append(Unsupported("block_mask_shape", f"block_mask.blocks of shape {tuple(blocks.shape)} must be "
+                               f"(B or 1, Hq or 1, ceil(Lq / block_q), ceil(Lk / block_k)) = {full}", ValueError))
+    return out
+
+
+def _flex_reasons(block_mask, q, k):
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
+        return []
+    lengths = (q.shape[2], k.shape[2])
+    if tuple(block_mask.seq_lengths) != lengths:
+        return [Unsupported("block_mask_shape", f"the BlockMask is for (Lq, Lk) = {tuple(block_mask.seq_lengths)}, "
+                            f"the call's is {lengths}", ValueError)]
+    B, H = block_mask.kv_num_blocks.shape[:2]
+    if B not in (1, q.shape[0]) or H not in (1, q.shape[1]):
+        return [Unsupported("block_mask_shape", f"the BlockMask's (B, H) = {(B, H)} does not broadcast to q's "
+                            f"{tuple(q.shape[:2])}", ValueError)]
+    if block_mask.kv_num_blocks.device != q.device:
+        return [Unsupported("block_mask_device", f"the BlockMask is on {block_mask.kv_num_blocks.device} but q is on "
+                            f"{q.device}", ValueError)]
+    return []
+
+
+def _blocks_shape(q, k, bq, bk):
+    return (q.shape[0], q.shape[1], -(-q.shape[2] // bq), -(-k.shape[2] // bk))
+
+
 def _backend_reasons(q):
     """What the chosen backend's kernels refuse (raised by the dispatcher when the op runs)."""
     if not isinstance(q, torch.Tensor) or q.dtype != torch.float64:
@@ -179,18 +235,19 @@ def _backend_reasons(q):
     return []
 
 
-def unsupported(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None):
+def unsupported(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None, block_mask=None):
     """Every reason `attention` (with `tangents`: `attention_jvp`) does not run this call, as
     Unsupported(key, message, error), in the order the op checks them; [] when it runs it.
     `not_supported_reasons` is its text."""
     out = _qkv_reasons(q, k, v)
     if tangents is not None:
         out += _tangent_reasons((q, k, v), tangents)
-    out += _mask_reasons(attn_mask, q, k) + _scale_reasons(scale) + _causal_reasons(causal)
+    out += _mask_reasons(attn_mask, q, k) + _block_mask_reasons(block_mask, q, k)
+    out += _scale_reasons(scale) + _causal_reasons(causal)
     return out + _backend_reasons(q)
 
 
-def not_supported_reasons(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None):
+def not_supported_reasons(q, k, v, attn_mask=None, causal=False, scale=None, *, tangents=None, block_mask=None):
     """Why the fused op cannot run attention(q, k, v, attn_mask=..., causal=..., scale=...) (with
     `tangents=(tq, tk, tv)`: attention_jvp), one human-readable string per problem; [] when it runs it.
 
@@ -199,12 +256,13 @@ def not_supported_reasons(q, k, v, attn_mask=None, causal=False, scale=None, *, 
     chosen backend's kernels run fp16/bf16/fp32 only) come last; those the dispatcher raises.
     Used by scm_fast.interop.sdpa to decide which SDPA calls the fused op runs.
     """
-    return [r.message for r in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents)]
+    return [r.message for r in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents,
+                                           block_mask=block_mask)]
 
 
-def _validate(q, k, v, attn_mask, causal, scale, tangents=None):
+def _validate(q, k, v, attn_mask, causal, scale, tangents=None, block_mask=None):
     """Raise the first argument problem (the dispatcher raises the backend's own refusals)."""
-    for reason in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents):
+    for reason in unsupported(q, k, v, attn_mask, causal, scale, tangents=tangents, block_mask=block_mask):
         if reason.error is not None:
             raise reason.error(reason.message)
 
@@ -226,6 +284,33 @@ def _scale_value(scale, q):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
+def _with_keep(attn_mask, keep):
+    """attn_mask restricted to a bool element mask `keep` (True = attend)."""
+    if keep is None:
+        return attn_mask
+    if attn_mask is None:
+        return keep
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return torch.where(keep, attn_mask, float("-inf"))
+
+
+def _consts(q, k, attn_mask, block_mask, causal, scale):
+    """The op's constant arguments (schema order): mask, blocks, block_q, block_k, causal, shift, scale."""
+    blocks, bq, bk = None, 0, 0
+    if block_mask is not None:
+        keep = None
+        if is_flex_block_mask(block_mask):
+            block_mask, keep = from_flex(block_mask)
+        elif not isinstance(block_mask, BlockSparse):  # a mask_mod
+            block_mask, keep = from_mask_mod(block_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+        attn_mask = _with_keep(attn_mask, keep)
+        blocks, bq, bk = block_mask
+        blocks = blocks.expand(_blocks_shape(q, k, bq, bk))
+    is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
+    return _prepare_mask(attn_mask, q, k), blocks, bq, bk, is_causal, shift, _scale_value(scale, q)
+
+
 # ---- kernels behind the dispatcher -----------------------------------------------------------
 def _kernels(q):
     """The Triton launchers (imported on first use), for fp32/fp16/bf16 inputs."""
@@ -235,16 +320,18 @@ def _kernels(q):
     return kernels
 
 
-def _triton_fwd(q, k, v, mask, causal, shift, scale):
-    return _kernels(q).attention_fwd(q, k, v, mask, causal, shift, scale)
+# The ops' constant arguments after the tensors, in schema order (csrc/attention.cpp):
+#   mask, blocks, block_q, block_k, causal, causal_shift, scale
+def _triton_fwd(q, k, v, *consts):
+    return _kernels(q).attention_fwd(q, k, v, *consts)
 
 
-def _triton_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, shift, scale):
-    return _kernels(q).attention_fwd(q, k, v, mask, causal, shift, scale, tq, tk, tv)
+def _triton_fwd_jvp(q, k, v, tq, tk, tv, *consts):
+    return _kernels(q).attention_fwd(q, k, v, *consts, tq, tk, tv)
 
 
-def _triton_bwd(grad_out, q, k, v, out, lse, mask, causal, shift, scale):
-    return _kernels(q).attention_bwd(grad_out, q, k, v, out, lse, mask, causal, shift, scale)
+def _triton_bwd(grad_out, q, k, v, out, lse, *consts):
+    return _kernels(q).attention_bwd(grad_out, q, k, v, out, lse, *consts)
 
 
 def _lse_like(q):
@@ -252,16 +339,16 @@ def _lse_like(q):
     return q.new_empty(q.shape[:-1], dtype=dtype)
 
 
-def _fake_fwd(q, k, v, mask, causal, shift, scale):
+def _fake_fwd(q, k, v, *consts):
     return q.new_empty(*q.shape[:-1], v.shape[-1]), _lse_like(q)
 
 
-def _fake_fwd_jvp(q, k, v, tq, tk, tv, mask, causal, shift, scale):
-    o, lse = _fake_fwd(q, k, v, mask, causal, shift, scale)
+def _fake_fwd_jvp(q, k, v, tq, tk, tv, *consts):
+    o, lse = _fake_fwd(q, k, v)
     return o, lse, torch.empty_like(o)
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, mask, causal, shift, scale):
+def _fake_bwd(grad_out, q, k, v, out, lse, *consts):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -275,8 +362,7 @@ def _backward(ctx, grad_out):
     _transforms.check_backward(ctx.uses, grad_out)
     q, k, v, o, lse = ctx.saved_tensors
     with torch.no_grad():  # first order only (_transforms.first_order)
-        grads = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse, ctx.mask, ctx.causal, ctx.shift,
-                               ctx.scale)
+        grads = _registry.call("attention_bwd", grad_out.contiguous(), q, k, v, o, lse, *ctx.consts)
     return _transforms.first_order(ctx.uses, grads, (grad_out, q, k, v))
 
 
@@ -284,23 +370,23 @@ class _Attention(torch.autograd.Function):
     """(o, lse) of (q, k, v). Used when no input carries a tangent; its jvp is still exact."""
 
     @staticmethod
-    def forward(q, k, v, mask, causal, shift, scale, uses):
-        return _registry.call("attention_fwd", q, k, v, mask, causal, shift, scale)
+    def forward(q, k, v, consts, uses):
+        return _registry.call("attention_fwd", q, k, v, *consts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, causal, shift, scale, uses = inputs
+        q, k, v, consts, uses = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
         # q, k, v not detached (they carry no tangent here): a gradient of the backward must reach their
         # graph (_transforms.first_order)
         ctx.save_for_backward(q, k, v, o.detach(), lse)
         ctx.save_for_forward(q, k, v)
-        ctx.mask, ctx.causal, ctx.shift, ctx.scale, ctx.uses = mask, causal, shift, scale, uses
+        ctx.consts, ctx.uses = consts, uses
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse):
-        return *_backward(ctx, grad_out), None, None, None, None, None
+        return *_backward(ctx, grad_out), None, None
 
     @staticmethod
     def jvp(ctx, tq, tk, tv, *_):
@@ -308,8 +394,7 @@ class _Attention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         tq, tk, tv = _transforms.zeros_for_none((q, k, v), (tq, tk, tv))
         with torch.no_grad():  # the kernel has no autograd; _differentiable_tangent gives to its gradient
-            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, ctx.mask, ctx.causal, ctx.shift,
-                                      ctx.scale)
+            _, _, to = _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, *ctx.consts)
         return _differentiable_tangent(ctx, to, q, k, v, tq, tk, tv), None
 
 
@@ -322,12 +407,12 @@ class _AttentionFused(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(q, k, v, tq, tk, tv, mask, causal, shift, scale, tangents_of_inputs, uses):
-        return _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, mask, causal, shift, scale)
+    def forward(q, k, v, tq, tk, tv, consts, tangents_of_inputs, uses):
+        return _registry.call("attention_fwd_jvp", q, k, v, tq, tk, tv, *consts)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, _, _, _, mask, causal, shift, scale, tangents_of_inputs, uses = inputs
+        q, k, v, _, _, _, consts, tangents_of_inputs, uses = inputs
         o, lse, to = output
         ctx.mark_non_differentiable(lse, to)
         ctx.save_for_backward(*(t.detach() for t in (q, k, v, o, lse)))  # no saved tangents
@@ -335,15 +420,14 @@ class _AttentionFused(torch.autograd.Function):
             ctx.save_for_forward(to, q, k, v)
         else:
             ctx.save_for_forward(q, k, v)
-        ctx.mask, ctx.causal, ctx.shift, ctx.scale = mask, causal, shift, scale
-        ctx.fused, ctx.uses = tangents_of_inputs, uses
+        ctx.consts, ctx.fused, ctx.uses = consts, tangents_of_inputs, uses
         ctx.set_materialize_grads(False)  # no zero tangents for tq, tk, tv (a full-size fill each)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_lse, _grad_to):
         if grad_out is None:
-            return (None,) * 12
-        return *_backward(ctx, grad_out), *(None,) * 9
+            return (None,) * 9
+        return *_backward(ctx, grad_out), *(None,) * 6
 
     @staticmethod
     def jvp(ctx, gq, gk, gv, *_):
@@ -357,21 +441,20 @@ class _AttentionFused(torch.autograd.Function):
         gq, gk, gv = _transforms.zeros_for_none((q, k, v), (gq, gk, gv))
         if not ctx.fused:
             with torch.no_grad():  # as in _Attention.jvp
-                _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, ctx.mask, ctx.causal, ctx.shift,
-                                          ctx.scale)
+                _, _, to = _registry.call("attention_fwd_jvp", q, k, v, gq, gk, gv, *ctx.consts)
         return _differentiable_tangent(ctx, to, q, k, v, gq, gk, gv), None, None
 
 
-def _tangent_reference(mask, causal, shift, scale):
+def _tangent_reference(consts):
     def reference(q, k, v, tq, tk, tv):
-        return attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, shift, scale)[2]
+        return attention_fwd_jvp_reference(q, k, v, tq, tk, tv, *consts)[2]
     return reference
 
 
 def _differentiable_tangent(ctx, to, *inputs):
     """`to` as the forward-AD tangent, differentiable w.r.t. q, k, v and their tangents by autograd
     through the reference (_transforms.differentiable_tangent)."""
-    reference = _tangent_reference(ctx.mask, ctx.causal, ctx.shift, ctx.scale)
+    reference = _tangent_reference(ctx.consts)
     return _transforms.differentiable_tangent(to, reference, inputs)
 
 
@@ -382,42 +465,40 @@ def _tangent_or_zeros(x):
 
 
 @torch.compiler.disable  # torch.compile drops a custom jvp (pytorch 192985): keep the op eager
-def attention(q, k, v, *, attn_mask=None, causal=False, scale=None):
+def attention(q, k, v, *, attn_mask=None, causal=False, scale=None, block_mask=None):
     """softmax(scale q k^T + attn_mask) v, like F.scaled_dot_product_attention (B, H, L, D).
     causal: False, True / "top_left" (SDPA's is_causal) or "bottom_right" (the last query sees
     every key; attention_ref.causal_shift).
+    block_mask: None, a BlockSparse, a flex_attention BlockMask or a mask_mod (attention_blocks):
+    tiles that meet no live block are skipped; keys outside the live blocks are masked.
 
     Under torch.func.jvp or torch.autograd.forward_ad the output tangent comes from the same fused
     pass as the output (no second forward). Example:
         o, to = torch.func.jvp(lambda q, k, v: attention(q, k, v), (q, k, v), (tq, tk, tv))
     """
-    _validate(q, k, v, attn_mask, causal, scale)
+    _validate(q, k, v, attn_mask, causal, scale, block_mask=block_mask)
     _transforms.check_call("attention", (q, k, v))
-    mask = _prepare_mask(attn_mask, q, k)
-    scale = _scale_value(scale, q)
-    is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
+    consts = _consts(q, k, attn_mask, block_mask, causal, scale)
     uses = _transforms.Uses("attention")
     if _transforms.has_tangent(q, k, v):
         tangents = [_tangent_or_zeros(x) for x in (q, k, v)]
-        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, mask, is_causal, shift, scale, True, uses)
+        o, _, _ = _AttentionFused.apply(q, k, v, *tangents, consts, True, uses)
         return o
-    o, _ = _Attention.apply(q, k, v, mask, is_causal, shift, scale, uses)
+    o, _ = _Attention.apply(q, k, v, consts, uses)
     return o
 
 
 @torch.compiler.disable  # torch.compile drops a custom jvp (pytorch 192985): keep the op eager
-def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=None):
+def attention_jvp(q, k, v, tq, tk, tv, *, attn_mask=None, causal=False, scale=None, block_mask=None):
     """(o, to): the attention output and its tangent along (tq, tk, tv), in one fused pass.
 
     o is differentiable w.r.t. q, k, v (the fused backward); to w.r.t. q, k, v, tq, tk, tv (second
     order: autograd through the reference, _transforms.differentiable_tangent; sCM detaches it, sg(.)).
     """
-    _validate(q, k, v, attn_mask, causal, scale, tangents=(tq, tk, tv))
+    _validate(q, k, v, attn_mask, causal, scale, tangents=(tq, tk, tv), block_mask=block_mask)
     _transforms.check_call("attention", (q, k, v, tq, tk, tv))
-    mask = _prepare_mask(attn_mask, q, k)
-    scale = _scale_value(scale, q)
-    is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
+    consts = _consts(q, k, attn_mask, block_mask, causal, scale)
     uses = _transforms.Uses("attention")
-    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, mask, is_causal, shift, scale, False, uses)
-    reference = _tangent_reference(mask, is_causal, shift, scale)
+    o, _, to = _AttentionFused.apply(q, k, v, tq, tk, tv, consts, False, uses)
+    reference = _tangent_reference(consts)
     return o, _transforms.differentiable_tangent(to, reference, (q, k, v, tq, tk, tv))

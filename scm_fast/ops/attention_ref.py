@@ -11,8 +11,12 @@ the tangent sums are shifted by ds at the running max (csrc/attention.cpp: exact
 A key the mask excludes is -inf in the scores whatever q k^T is (NaN or inf included), so a row that
 sees no key gives 0 output and 0 tangent even when its q (or a masked k) is NaN.
 Shapes: q (B, Hq, Lq, D); k (B, Hk, Lk, D); v (B, Hk, Lk, Dv); Hq = G Hk (GQA); mask None or
-expanded to (B, Hq, Lq, Lk), bool (True = attend) or additive.
+expanded to (B, Hq, Lq, Lk), bool (True = attend) or additive; blocks None or a bool block mask
+expanded to (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k)) (attention_blocks): key chunks that meet
+no live block are skipped.
 """
+from typing import NamedTuple, Optional
+
 import torch
 
 from scm_fast.precision import accumulation_dtype
@@ -57,27 +61,47 @@ def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
     return p @ v
 
 
-def _grouped(q, k, v, mask):
+class _Visible(NamedTuple):
+    """What hides a key from a query, in the grouped layout (B, Hk, G, ...)."""
+    mask: Optional[torch.Tensor]    # (B, Hk, G, Lq, Lk)
+    blocks: Optional[torch.Tensor]  # (B, Hk, G, nQ, nK)
+    block_q: int
+    block_k: int
+    causal: bool
+    shift: int
+
+    def chunk_live(self, start, stop):
+        """False where no live block meets keys [start, stop): the chunk is skipped."""
+        if self.blocks is None:
+            return True
+        return bool(self.blocks[..., start // self.block_k:-(-stop // self.block_k)].any())
+
+
+def _grouped(q, k, v, mask, blocks=None):
     """Views that put the G query heads of one key head on their own axis: (B, Hk, G, L, D)."""
     B, H, Lq, D = q.shape
     Hk = k.shape[1]
     q5 = q.view(B, Hk, H // Hk, Lq, D)
     m5 = None if mask is None else mask.view(B, Hk, H // Hk, Lq, mask.shape[-1])
-    return q5, k.unsqueeze(2), v.unsqueeze(2), m5
+    b5 = None if blocks is None else blocks.reshape(B, Hk, H // Hk, *blocks.shape[-2:])
+    return q5, k.unsqueeze(2), v.unsqueeze(2), m5, b5
 
 
-def _chunk_scores(q5, k5, m5, causal, shift, scale, start, stop):
+def _chunk_scores(q5, k5, vis, scale, start, stop):
     """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf."""
     s = _apply_mask(scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2)),
-                    None if m5 is None else m5[..., start:stop])
-    if causal:
-        rows = torch.arange(q5.shape[-2], device=s.device)[:, None]
-        cols = torch.arange(start, stop, device=s.device)[None, :]
-        s = s.masked_fill(cols > rows + shift, float("-inf"))
+                    None if vis.mask is None else vis.mask[..., start:stop])
+    rows = torch.arange(q5.shape[-2], device=s.device)
+    cols = torch.arange(start, stop, device=s.device)
+    if vis.blocks is not None:  # key j of row i: blocks[i // block_q, j // block_k]
+        keep = vis.blocks[..., rows // vis.block_q, :][..., cols // vis.block_k]
+        s = s.masked_fill(~keep, float("-inf"))
+    if vis.causal:
+        s = s.masked_fill(cols[None, :] > rows[:, None] + vis.shift, float("-inf"))
     return s
 
 
-def _online_pass(q5, k5, v5, m5, causal, shift, scale, tangents=None):
+def _online_pass(q5, k5, v5, vis, scale, tangents=None):
     """Online softmax over key chunks; returns (o, lse) and, with tangents, to."""
     acc_dtype = accumulation_dtype(q5)
     q5, k5, v5 = q5.to(acc_dtype), k5.to(acc_dtype), v5.to(acc_dtype)
@@ -90,7 +114,9 @@ def _online_pass(q5, k5, v5, m5, causal, shift, scale, tangents=None):
         t_acc, r_i, c_i = torch.zeros_like(acc), torch.zeros_like(l_i), torch.zeros_like(l_i)
     for start in range(0, k5.shape[-2], CHUNK):
         stop = min(start + CHUNK, k5.shape[-2])
-        s = _chunk_scores(q5, k5, m5, causal, shift, scale, start, stop)
+        if not vis.chunk_live(start, stop):
+            continue
+        s = _chunk_scores(q5, k5, vis, scale, start, stop)
         chunk_max = s.amax(-1)
         m_new = torch.maximum(m_i, chunk_max)
         m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
@@ -129,22 +155,29 @@ def _lse(lse, q):
     return lse.reshape(q.shape[:-1]).to(accumulation_dtype(q))
 
 
-def attention_fwd_reference(q, k, v, mask, causal, shift, scale):
-    o, lse = _online_pass(*_grouped(q, k, v, mask), causal, shift, scale)
+def _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift):
+    q5, k5, v5, m5, b5 = _grouped(q, k, v, mask, blocks)
+    return q5, k5, v5, _Visible(m5, b5, block_q, block_k, causal, shift)
+
+
+def attention_fwd_reference(q, k, v, mask, blocks, block_q, block_k, causal, shift, scale):
+    q5, k5, v5, vis = _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift)
+    o, lse = _online_pass(q5, k5, v5, vis, scale)
     return _flat(o, q), _lse(lse, q)
 
 
-def attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, causal, shift, scale):
-    q5, k5, v5, m5 = _grouped(q, k, v, mask)
-    tq5, tk5, tv5, _ = _grouped(tq, tk, tv, None)
-    o, lse, to = _online_pass(q5, k5, v5, m5, causal, shift, scale, (tq5, tk5, tv5))
+def attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, blocks, block_q, block_k, causal, shift, scale):
+    q5, k5, v5, vis = _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift)
+    tq5, tk5, tv5, _, _ = _grouped(tq, tk, tv, None)
+    o, lse, to = _online_pass(q5, k5, v5, vis, scale, (tq5, tk5, tv5))
     return _flat(o, q), _lse(lse, q), _flat(to, q)
 
 
-def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, causal, shift, scale):
+def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, blocks, block_q, block_k, causal, shift, scale):
     """FlashAttention-2 backward over key chunks: p = exp(s - lse), ds = p (dp - delta)."""
     acc_dtype = accumulation_dtype(q)
-    q5, k5, v5, m5 = _grouped(*(x.to(acc_dtype) for x in (q, k, v)), mask)
+    q5, k5, v5, vis = _visible(*(x.to(acc_dtype) for x in (q, k, v)), mask, blocks, block_q, block_k, causal,
+                               shift)
     do5 = grad_out.to(acc_dtype).view(q5.shape[:-1] + (grad_out.shape[-1],))
     o5 = out.to(acc_dtype).view_as(do5)
     lse5 = lse.to(acc_dtype).view(q5.shape[:-1])
@@ -154,7 +187,9 @@ def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, causal, shift, sc
     dk, dv = torch.zeros_like(k5.squeeze(2)), torch.zeros_like(v5.squeeze(2))
     for start in range(0, k5.shape[-2], CHUNK):
         stop = min(start + CHUNK, k5.shape[-2])
-        p = torch.exp(_chunk_scores(q5, k5, m5, causal, shift, scale, start, stop) - lse5[..., None])
+        if not vis.chunk_live(start, stop):
+            continue
+        p = torch.exp(_chunk_scores(q5, k5, vis, scale, start, stop) - lse5[..., None])
         dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
         ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
         dq += scale * (ds @ k5[..., start:stop, :])

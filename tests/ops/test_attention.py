@@ -185,8 +185,8 @@ def test_key_padding_mask_is_not_materialised(monkeypatch, dtype):
     """A (B, 1, 1, Lk) mask reaches the kernel as a broadcast view of B x Lk storage (fp32 for biases)."""
     seen = []
     real_call = _registry.call
-    # the call's last four arguments: mask, causal, causal_shift, scale
-    monkeypatch.setattr(_registry, "call", lambda name, *a: seen.append(a[-4]) or real_call(name, *a))
+    # the call's last seven arguments: mask, blocks, block_q, block_k, causal, causal_shift, scale
+    monkeypatch.setattr(_registry, "call", lambda name, *a: seen.append(a[-7]) or real_call(name, *a))
     B, H, L, D = 2, 4, 300, 16
     q, k, v = make((B, H, L, D), (B, H, L, D), D, torch.bfloat16, "cpu")[:3]
     mask = (torch.rand(B, 1, 1, L) > 0.5).to(dtype)

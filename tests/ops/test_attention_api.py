@@ -121,12 +121,16 @@ def opcheck_samples(dtype):
     q, k, v = qkv(B=1, H=2, Hk=1, Lq=9, Lk=13, D=16, Dv=8, dtype=dtype)
     tq, tk, tv = (torch.randn_like(x) for x in (q, k, v))
     mask = (torch.rand(1, 1, 1, 13) > 0.3).expand(1, 2, 9, 13)
-    o, lse = torch.ops.scm_fast.attention_fwd(q, k, v, mask, True, 4, 0.25)  # bottom-right: shift Lk - Lq
+    blocks = (torch.rand(1, 2, 3, 4) > 0.4).expand(1, 2, 3, 4)  # (B, Hq, ceil(9 / 4), ceil(13 / 4))
+    o, lse = torch.ops.scm_fast.attention_fwd(q, k, v, mask, None, 0, 0, True, 4, 0.25)  # bottom-right: Lk - Lq
     return [
-        ("attention_fwd", (q, k, v, mask, True, 0, 0.25)),
-        ("attention_fwd", (q, k, v, None, False, 0, 0.25)),
-        ("attention_fwd_jvp", (q, k, v, tq, tk, tv, mask, True, 4, 0.25)),
-        ("attention_bwd", (torch.randn_like(o), q, k, v, o, lse, mask, True, 4, 0.25)),
+        ("attention_fwd", (q, k, v, mask, None, 0, 0, True, 0, 0.25)),
+        ("attention_fwd", (q, k, v, None, None, 0, 0, False, 0, 0.25)),
+        ("attention_fwd", (q, k, v, None, blocks, 4, 4, False, 0, 0.25)),
+        ("attention_fwd_jvp", (q, k, v, tq, tk, tv, mask, None, 0, 0, True, 4, 0.25)),
+        ("attention_fwd_jvp", (q, k, v, tq, tk, tv, mask, blocks, 4, 4, True, 4, 0.25)),
+        ("attention_bwd", (torch.randn_like(o), q, k, v, o, lse, mask, None, 0, 0, True, 4, 0.25)),
+        ("attention_bwd", (torch.randn_like(o), q, k, v, o, lse, None, blocks, 4, 4, False, 0, 0.25)),
     ]
 
 
