@@ -57,7 +57,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from scm_fast.interop import group_norm, linear
+from scm_fast.interop import flex_attention, group_norm, linear
 from scm_fast.ops import _registry, _transforms
 from scm_fast.ops.attention import MAX_HEAD_DIM, attention, unsupported
 
@@ -305,28 +305,31 @@ def _resolve(module):
 
 
 def _functions():
-    """{name in torch.nn.functional: (scm_fast's replacement, PyTorch's)}: the attention, the
-    tangent-safe group norm (scm_fast.interop.group_norm) that GroupNorm UNets need under jvp, and
-    the linear without a tangent graph in sCM's one pass (scm_fast.interop.linear)."""
-    return {_NAME: (_PATCHED, _BUILTIN), "group_norm": (group_norm.group_norm, group_norm.BUILTIN),
-            "linear": (linear.linear, linear.BUILTIN)}
+    """{name: (module, scm_fast's replacement, PyTorch's)}: in torch.nn.functional the attention, the
+    tangent-safe group norm (scm_fast.interop.group_norm) that GroupNorm UNets need under jvp and the
+    linear without a tangent graph in sCM's one pass (scm_fast.interop.linear); flex_attention on the
+    block-sparse fused attention (scm_fast.interop.flex_attention)."""
+    flex = importlib.import_module(flex_attention.MODULE)
+    return {_NAME: (F, _PATCHED, _BUILTIN), "group_norm": (F, group_norm.group_norm, group_norm.BUILTIN),
+            "linear": (F, linear.linear, linear.BUILTIN),
+            flex_attention.NAME: (flex, flex_attention.PATCHED, flex_attention.builtin())}
 
 
 def _install():
-    for name, (patched, _) in _functions().items():
-        current = getattr(F, name)
+    for name, (module, patched, _) in _functions().items():
+        current = getattr(module, name)
         if current is not patched:
             _installed[name] = current
-            setattr(F, name, patched)
+            setattr(module, name, patched)
 
 
 def _uninstall():
-    for name, (patched, builtin) in _functions().items():
+    for name, (module, patched, builtin) in _functions().items():
         original = _installed.pop(name, builtin)
-        if getattr(F, name) is patched:
-            setattr(F, name, original)
+        if getattr(module, name) is patched:
+            setattr(module, name, original)
         else:
-            warnings.warn(f"scm_fast.unpatch_sdpa: torch.nn.functional.{name} was replaced by other code after "
+            warnings.warn(f"scm_fast.unpatch_sdpa: {module.__name__}.{name} was replaced by other code after "
                           "scm_fast patched it; leaving that replacement in place", UserWarning, stacklevel=3)
 
 
