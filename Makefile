@@ -46,6 +46,7 @@ bench: $(STAMP)
 
 report: $(STAMP)
 	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/kernel_report.py --blocks aligned
 
 asan: $(STAMP)
 	SCM_FAST_ASAN=1 $(PY) -m pip install -q -e . --no-build-isolation

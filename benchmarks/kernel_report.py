@@ -15,8 +15,14 @@ bwd_dq, bwd_delta. Per config it reports:
     tc      tensor-core instructions in the PTX: wgmma and/or mma ("-": none)
     time    compile seconds (report() bypasses the Triton cache)
 
-Arguments are assumed aligned (pointers and all sizes and strides but H, GROUP divisible by 16), as
-the JIT specializes them for head dims and sequence lengths that are multiples of 16.
+Arguments are assumed aligned (pointers and all sizes and strides but H, GROUP, block_q, block_k
+divisible by 16), as the JIT specializes them for head dims and sequence lengths that are multiples of 16.
+
+--blocks compiles the block-sparse variants instead (kinds +aligned / +unaligned; a block_mask,
+scm_fast.ops.attention_blocks): HAS_BLOCKS, the loop walks each tile's list of live tiles; unaligned
+adds BLOCK_KEYS, the per-key check of partly live tiles (blocks that are not multiples of the tile).
+`make report` gates the dense kernels and the aligned variants (flex's 128 blocks and any multiple of
+the tiles); the unaligned variants are reported, not shipped spill-free (NOTES.md section 26).
 
 The adaptive-norm kernels of kernels/adaptive_norm.py (kinds norm_fwd, norm_fwd_jvp, norm_bwd,
 norm_finish) are compiled with the launchers' heuristic tiles for every channel count of --norm-c
@@ -59,8 +65,8 @@ KERNELS = {"fwd": aj._attn_fwd_kernel, "fwd_jvp": aj._attn_fwd_kernel, "jvp": aj
            "bwd_delta": aj._attn_bwd_delta_kernel}
 INT_ARGS = {"H", "GROUP", "Lq", "Lk", "D", "DV", "block_q", "block_k"}
 FP32_PTRS = {"Mask", "LSE", "Delta", "RowMax"}
-INT32_PTRS = {"ArgMax"}
-INT8_PTRS = {"Blocks", "Live"}  # a block mask's bool blocks (as uint8) and its tile states
+INT32_PTRS = {"ArgMax", "TileNum", "TileIdx"}  # TileNum/TileIdx: a block mask's live tiles
+INT8_PTRS = {"Blocks"}  # a block mask's bool blocks (as uint8)
 UNALIGNED = {"H", "GROUP", "block_q", "block_k"}
 UNIT_STRIDES = {"stride_mn"}  # attention._mask_args gives every mask a unit key stride
 NORM_KINDS = ("norm_fwd", "norm_fwd_jvp", "norm_bwd", "norm_finish")
@@ -78,6 +84,10 @@ DOCUMENTED_SPILLS = {
                         "(NOTES.md section 20: measured bytes, and the value-dim split left to do)",
     ("fwd_jvp", 128, "fp32"): "fp32 tiles: twice the registers of fp16 at the same tile",
     ("jvp", 128, "fp32"): "fp32 tiles: twice the registers of fp16 at the same tile",
+    ("bwd_dkdv+aligned", 64, None): "block-sparse walk on sm_80, 64x32 w8 s2: 8 B, the live-tile count and "
+                                    "entry pointers beside 128 registers (NOTES.md section 26)",
+    ("bwd_dkdv+aligned", 128, None): "block-sparse walk on sm_80, 32x64 w8 s1: 8 B at 255 registers "
+                                     "(NOTES.md section 26)",
 }
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 COLUMNS = ("kernel", "target", "dtype", "block_d", "config", "regs", "spill", "smem", "occupancy", "tc", "time")
@@ -102,12 +112,13 @@ def _arg_type(name, dtype):
     return "*fp32" if name in FP32_PTRS else "*" + dtype
 
 
-def _source(kind, dtype, block_d, block_m, block_n, blocks=False):
+def _source(kind, dtype, block_d, block_m, block_n, blocks=None):
     fn = KERNELS[kind]
     flags = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_d, HAS_MASK=True,
                  MASK_IS_BOOL=False, IS_CAUSAL=True, BOTTOM_RIGHT=False, HAS_TANGENT=kind == "fwd_jvp",
                  PDS_FP32=dtype == "fp16", UPCAST=False, INPUT_PRECISION="tf32", S_AS_FWD=False,
-                 STORE_MAX=kind == "fwd" and aj.two_pass(block_d), HAS_BLOCKS=blocks)
+                 STORE_MAX=kind == "fwd" and aj.two_pass(block_d), HAS_BLOCKS=bool(blocks),
+                 BLOCK_KEYS=blocks == "unaligned")
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -130,11 +141,12 @@ def _resource_usage(cubin):
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
-def compile_config(kind, dtype, block_d, cfg, arch, blocks=False):
-    """One report row: resources of `kind` (with blocks: its block-sparse variant, kernel `kind+blocks`)
-    compiled for sm_`arch`, or an `error` entry."""
+def compile_config(kind, dtype, block_d, cfg, arch, blocks=None):
+    """One report row: resources of `kind` (blocks "aligned" / "unaligned": its block-sparse variant,
+    kernel `kind+aligned` / `kind+unaligned`) compiled for sm_`arch`, or an `error` entry."""
     block_m, block_n, num_warps, num_stages = cfg
-    row = dict(kernel=kind + "+blocks" * (blocks and kind != "bwd_delta"), target=f"sm_{arch}", dtype=dtype,
+    variant = f"+{blocks}" if blocks and kind != "bwd_delta" else ""
+    row = dict(kernel=kind + variant, target=f"sm_{arch}", dtype=dtype,
                block_d=block_d, block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     start = time.perf_counter()
     try:
@@ -166,10 +178,11 @@ def occupancy(regs, num_warps, smem, arch):
 
 def spill_exception(row):
     """The DOCUMENTED_SPILLS reason for `row`'s group, or None."""
-    for dtype in (row["dtype"], None):
-        reason = DOCUMENTED_SPILLS.get((row["kernel"].removesuffix("+blocks"), row["block_d"], dtype))
-        if reason:
-            return reason
+    for kernel in dict.fromkeys((row["kernel"], row["kernel"].split("+")[0])):  # a variant's own, then its kind's
+        for dtype in (row["dtype"], None):
+            reason = DOCUMENTED_SPILLS.get((kernel, row["block_d"], dtype))
+            if reason:
+                return reason
     return None
 
 
@@ -242,11 +255,13 @@ def compile_norm_config(kind, dtype, channels, cfg, arch):
 
 
 def report(kinds=KINDS, dtypes=("fp16", "bf16"), archs=(80, 90), block_ds=(64, 128, 256),
-           defaults_only=False, norm_cs=NORM_C, blocks=False):
+           defaults_only=False, norm_cs=NORM_C, blocks=None):
     """Rows for every kind x arch x dtype x BLOCK_D x config (only the first config if defaults_only;
     blocks: the block-sparse variants); norm kinds: kind x arch x dtype x C (norm_cs) x case."""
     if not isinstance(aj._attn_fwd_kernel, triton.runtime.JITFunction):  # TRITON_INTERPRET=1
         return _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs, blocks)
+    if blocks:  # only the attention kernels that walk tiles have block-sparse variants
+        kinds = [k for k in kinds if k in KINDS and k != "bwd_delta"]
     with triton.knobs.compilation.scope():
         triton.knobs.compilation.always_compile = True  # time real compiles, not cache hits
         rows = [compile_config(kind, dtype, block_d, cfg, arch, blocks)
@@ -257,14 +272,15 @@ def report(kinds=KINDS, dtypes=("fp16", "bf16"), archs=(80, 90), block_ds=(64, 1
                        for channels in norm_cs for cfg in norm_configs(kind, dtype, channels)]
 
 
-def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs=NORM_C, blocks=False):
+def _report_subprocess(kinds, dtypes, archs, block_ds, defaults_only, norm_cs=NORM_C, blocks=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rows.json")
         cmd = [sys.executable, __file__, "--json", path, "--kinds", ",".join(kinds),
                "--dtypes", ",".join(dtypes), "--arch", ",".join(map(str, archs)),
                "--block-d", ",".join(map(str, block_ds)),
-               "--norm-c", ",".join(map(str, norm_cs))] + ["--defaults-only"] * defaults_only + ["--blocks"] * blocks
+               "--norm-c", ",".join(map(str, norm_cs))] + ["--defaults-only"] * defaults_only
+        cmd += ["--blocks", blocks] if blocks else []
         subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
         with open(path) as f:
             return json.load(f)
@@ -300,9 +316,10 @@ def main():
     ap.add_argument("--block-d", type=_csv(int), default=[64, 128, 256])
     ap.add_argument("--norm-c", type=_csv(int), default=list(NORM_C), help="channels C of the norm kernels")
     ap.add_argument("--defaults-only", action="store_true", help="only the first config of each list")
-    ap.add_argument("--blocks", action="store_true",
-                    help="compile the attention kernels' block-sparse variants (HAS_BLOCKS: a block_mask) instead of "
-                         "the dense ones")
+    ap.add_argument("--blocks", choices=["aligned", "unaligned"],
+                    help="compile the attention kernels' block-sparse variants instead of the dense ones: aligned "
+                         "(blocks a multiple of the tile, e.g. flex's 128: tiles skipped, no key check) or unaligned "
+                         "(BLOCK_KEYS: keys of partly live tiles checked)")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON instead of a table")
     args = ap.parse_args()
     unknown = set(args.kinds) - set(KINDS + NORM_KINDS)

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scm_fast.ops.attention_blocks import compact, tile_liveness
+from scm_fast.ops.attention_blocks import causal_tiles, compact, tile_liveness, tile_lists
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tiles used under the Triton interpreter (tests size sequences around these).
@@ -90,29 +90,32 @@ def _valid_tile(m, n, Lq, Lk, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexp
 
 
 @triton.jit
-def _block_valid(valid, m, n, Blocks_base, stride_bm, stride_bn, block_q, block_k, state, HAS_BLOCKS: tl.constexpr):
-    """valid and, in a tile only partly live (state 1 of attention_blocks.tile_liveness), the block
-    mask's blocks[m // block_q, n // block_k]."""
-    if HAS_BLOCKS:
+def _block_valid(valid, m, n, Blocks_base, stride_bm, stride_bn, block_q, block_k, partial,
+                 BLOCK_KEYS: tl.constexpr):
+    """valid and, in a tile only partly live (partial), the block mask's blocks[m // block_q, n // block_k].
+    BLOCK_KEYS is False where no tile can be partly live (blocks that are multiples of the tile:
+    _block_args), which saves the gather's registers."""
+    if BLOCK_KEYS:
         keep = tl.load(Blocks_base + (m // block_q) * stride_bm + (n // block_k) * stride_bn,
-                       mask=valid & (state == 1), other=1)
+                       mask=valid & (partial == 1), other=1)
         valid = valid & (keep != 0)
     return valid
 
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, TQ, TK, TV, Mask, Blocks, Live, O, TO, LSE, RowMax, ArgMax,
+    Q, K, V, TQ, TK, TV, Mask, Blocks, TileNum, TileIdx, O, TO, LSE, RowMax, ArgMax,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_tqb, stride_tqh, stride_tqm,
     stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_lb, stride_lh, stride_lm, stride_ln, block_q, block_k,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_nb, stride_nh, stride_nt, stride_ib, stride_ih, stride_it,
+    block_q, block_k,
     stride_ob, stride_oh, stride_om, stride_tob, stride_toh, stride_tom,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
     HAS_TANGENT: tl.constexpr, PDS_FP32: tl.constexpr, UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, STORE_MAX: tl.constexpr,
 ):
@@ -136,7 +139,8 @@ def _attn_fwd_kernel(
     V_base = V + off_b * stride_vb + off_hk * stride_vh
     Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
     Blocks_base = Blocks + off_b * stride_bb + off_h * stride_bh
-    Live_base = Live + off_b * stride_lb + off_h * stride_lh
+    TileNum_base = TileNum + off_b * stride_nb + off_h * stride_nh
+    TileIdx_base = TileIdx + off_b * stride_ib + off_h * stride_ih
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -157,61 +161,66 @@ def _attn_fwd_kernel(
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
-    for start_n in range(0, hi, BLOCK_N):
-        live = True  # without a block mask, constants: the dense kernels compile unchanged
-        state = 2
-        if HAS_BLOCKS:  # the tile's state (attention_blocks.tile_liveness): 0 is skipped
-            state = tl.load(Live_base + start_m * stride_lm + start_n // BLOCK_N * stride_ln)
-            live = state != 0
-        if live:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < Lk
-            kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
-            kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kT_mask, other=0.0)
-            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                        mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    loop_lo = 0
+    loop_hi = hi
+    if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
+        loop_lo = 0
+        loop_hi = tl.load(TileNum_base + start_m * stride_nt)
+    for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_N):
+        start_n = it
+        partial = 0
+        if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
+            entry = tl.load(TileIdx_base + start_m * stride_it + it)
+            start_n = (entry // 2) * BLOCK_N
+            partial = entry % 2
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
+        kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kT_mask, other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_M, BLOCK_N)
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
+        mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        valid = _block_valid(valid, offs_m[:, None], offs_n[None, :], Blocks_base, stride_bm, stride_bn, block_q,
+                             block_k, partial, BLOCK_KEYS)
+        s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+        tile_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, tile_max)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_old = l_i * alpha
+        l_i = l_old + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if STORE_MAX:
+            j_i = tl.where(tile_max > m_i, start_n + tl.argmax(s, 1), j_i)
+        if HAS_TANGENT:
+            tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
+            tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :],
+                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             if UPCAST:
-                kT = kT.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_M, BLOCK_N)
-            valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
-            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            valid = _block_valid(valid, offs_m[:, None], offs_n[None, :], Blocks_base, stride_bm, stride_bn, block_q,
-                                 block_k, state, HAS_BLOCKS)
-            s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-            tile_max = tl.max(s, 1)
-            m_new = tl.maximum(m_i, tile_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep p = 0
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_old = l_i * alpha
-            l_i = l_old + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if STORE_MAX:
-                j_i = tl.where(tile_max > m_i, start_n + tl.argmax(s, 1), j_i)
-            if HAS_TANGENT:
-                tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
-                tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :],
-                             mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                if UPCAST:
-                    tkT = tkT.to(tl.float32)
-                    tv = tv.to(tl.float32)
-                ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
-                ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
-                at_max = tl.sum(tl.where(offs_n[None, :] == start_n + tl.argmax(s, 1)[:, None], ds, 0.0), 1)
-                c_new = tl.where(tile_max > m_i, at_max, c_i)  # ds at the running max (module docstring)
-                dc = c_new - c_i
-                c_i = c_new
-                pds = tl.where(valid, p * (ds - c_new[:, None]), 0.0)
-                r_i = r_i * alpha - dc * l_old + tl.sum(pds, 1)
-                t_acc = t_acc * alpha[:, None] - dc[:, None] * acc
-                t_acc = tl.dot(p.to(tv.dtype), tv, t_acc, input_precision=INPUT_PRECISION)
-                if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
-                    t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
-                else:
-                    t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-            m_i = m_new
+                tkT = tkT.to(tl.float32)
+                tv = tv.to(tl.float32)
+            ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
+            ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
+            at_max = tl.sum(tl.where(offs_n[None, :] == start_n + tl.argmax(s, 1)[:, None], ds, 0.0), 1)
+            c_new = tl.where(tile_max > m_i, at_max, c_i)  # ds at the running max (module docstring)
+            dc = c_new - c_i
+            c_i = c_new
+            pds = tl.where(valid, p * (ds - c_new[:, None]), 0.0)
+            r_i = r_i * alpha - dc * l_old + tl.sum(pds, 1)
+            t_acc = t_acc * alpha[:, None] - dc[:, None] * acc
+            t_acc = tl.dot(p.to(tv.dtype), tv, t_acc, input_precision=INPUT_PRECISION)
+            if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
+                t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
+            else:
+                t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
 
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -232,17 +241,18 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _attn_jvp_kernel(
-    Q, K, V, TQ, TK, TV, Mask, Blocks, Live, O, RowMax, ArgMax, TO,
+    Q, K, V, TQ, TK, TV, Mask, Blocks, TileNum, TileIdx, O, RowMax, ArgMax, TO,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_tqb, stride_tqh, stride_tqm,
     stride_tkb, stride_tkh, stride_tkn, stride_tvb, stride_tvh, stride_tvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_lb, stride_lh, stride_lm, stride_ln, block_q, block_k,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_nb, stride_nh, stride_nt, stride_ib, stride_ih, stride_it,
+    block_q, block_k,
     stride_ob, stride_oh, stride_om, stride_tob, stride_toh, stride_tom,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
     PDS_FP32: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Pass 2 of the two-pass forward + JVP (module docstring): one query block's to, from pass 1's
@@ -271,7 +281,8 @@ def _attn_jvp_kernel(
     TV_base = TV + off_b * stride_tvb + off_hk * stride_tvh
     Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
     Blocks_base = Blocks + off_b * stride_bb + off_h * stride_bh
-    Live_base = Live + off_b * stride_lb + off_h * stride_lh
+    TileNum_base = TileNum + off_b * stride_nb + off_h * stride_nh
+    TileIdx_base = TileIdx + off_b * stride_ib + off_h * stride_ih
     m_i = tl.load(RowMax + off_bh * Lq + offs_m, mask=m_ok, other=float("-inf"))
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # a row without a valid key: every p = 0
     # c = ds at the key j of the row max (the shift of the module docstring): first from the rows K[j],
@@ -287,45 +298,50 @@ def _attn_jvp_kernel(
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
-    for start_n in range(0, hi, BLOCK_N):
-        live = True  # without a block mask, constants: the dense kernels compile unchanged
-        state = 2
-        if HAS_BLOCKS:  # the tile's state (attention_blocks.tile_liveness): 0 is skipped
-            state = tl.load(Live_base + start_m * stride_lm + start_n // BLOCK_N * stride_ln)
-            live = state != 0
-        if live:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < Lk
-            kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
-            v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
-            kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kT_mask, other=0.0)
-            tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
-            v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
-            tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :], mask=v_mask, other=0.0)
-            if UPCAST:
-                kT = kT.to(tl.float32)
-                tkT = tkT.to(tl.float32)
-                v = v.to(tl.float32)
-                tv = tv.to(tl.float32)
-            s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau
-            valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
-            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            valid = _block_valid(valid, offs_m[:, None], offs_n[None, :], Blocks_base, stride_bm, stride_bn, block_q,
-                                 block_k, state, HAS_BLOCKS)
-            s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-            p = tl.exp(s - m_safe[:, None])  # the same rounded s and m as pass 1
-            l_i += tl.sum(p, 1)
-            ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
-            ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
-            at_j = offs_n[None, :] == j[:, None]  # c becomes the dot's own ds at j in j's tile
-            c_i = tl.where((j >= start_n) & (j < start_n + BLOCK_N), tl.sum(tl.where(at_j, ds, 0.0), 1), c_i)
-            pds = tl.where(p != 0.0, p * (ds - c_i[:, None]), 0.0)  # p = 0 off the mask
-            r_i += tl.sum(pds, 1)
-            t_acc = tl.dot(p.to(tv.dtype), tv, t_acc, input_precision=INPUT_PRECISION)
-            if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
-                t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
-            else:
-                t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
+    loop_lo = 0
+    loop_hi = hi
+    if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
+        loop_lo = 0
+        loop_hi = tl.load(TileNum_base + start_m * stride_nt)
+    for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_N):
+        start_n = it
+        partial = 0
+        if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
+            entry = tl.load(TileIdx_base + start_m * stride_it + it)
+            start_n = (entry // 2) * BLOCK_N
+            partial = entry % 2
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
+        v_mask = n_ok[:, None] & (offs_dv[None, :] < DV)
+        kT = tl.load(K_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kT_mask, other=0.0)
+        tkT = tl.load(TK_base + offs_n[None, :] * stride_tkn + offs_d[:, None], mask=kT_mask, other=0.0)
+        v = tl.load(V_base + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=v_mask, other=0.0)
+        tv = tl.load(TV_base + offs_n[:, None] * stride_tvn + offs_dv[None, :], mask=v_mask, other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            tkT = tkT.to(tl.float32)
+            v = v.to(tl.float32)
+            tv = tv.to(tl.float32)
+        s = tl.dot(q, kT, input_precision=INPUT_PRECISION) * tau
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
+        mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        valid = _block_valid(valid, offs_m[:, None], offs_n[None, :], Blocks_base, stride_bm, stride_bn, block_q,
+                             block_k, partial, BLOCK_KEYS)
+        s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+        p = tl.exp(s - m_safe[:, None])  # the same rounded s and m as pass 1
+        l_i += tl.sum(p, 1)
+        ds = tl.dot(tq, kT, input_precision=INPUT_PRECISION)
+        ds = tl.dot(q, tkT, ds, input_precision=INPUT_PRECISION) * tau
+        at_j = offs_n[None, :] == j[:, None]  # c becomes the dot's own ds at j in j's tile
+        c_i = tl.where((j >= start_n) & (j < start_n + BLOCK_N), tl.sum(tl.where(at_j, ds, 0.0), 1), c_i)
+        pds = tl.where(p != 0.0, p * (ds - c_i[:, None]), 0.0)  # p = 0 off the mask
+        r_i += tl.sum(pds, 1)
+        t_acc = tl.dot(p.to(tv.dtype), tv, t_acc, input_precision=INPUT_PRECISION)
+        if PDS_FP32:  # fp16: p*ds can exceed 65504, keep that product in fp32
+            t_acc = tl.dot(pds, v.to(tl.float32), t_acc, input_precision=INPUT_PRECISION)
+        else:
+            t_acc = tl.dot(pds.to(v.dtype), v, t_acc, input_precision=INPUT_PRECISION)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o_mask = m_ok[:, None] & (offs_dv[None, :] < DV)
@@ -364,16 +380,17 @@ def _load_lse(LSE, off, offs, L):
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, Mask, Blocks, Live, LSE, Delta, DK, DV_,
+    Q, K, V, DO, Mask, Blocks, TileNum, TileIdx, LSE, Delta, DK, DV_,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_lb, stride_lh, stride_lm, stride_ln, block_q, block_k,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_nb, stride_nh, stride_nt, stride_ib, stride_ih, stride_it,
+    block_q, block_k,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, S_AS_FWD: tl.constexpr,
 ):
     """One key block of one key head: dK, dV summed over its GROUP query heads. S_AS_FWD (the
@@ -403,46 +420,51 @@ def _attn_bwd_dkdv_kernel(
         off_h = off_hk * GROUP + g
         Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
         Blocks_base = Blocks + off_b * stride_bb + off_h * stride_bh
-        Live_base = Live + off_b * stride_lb + off_h * stride_lh
-        for start_m in range(lo, Lq, BLOCK_M):
-            live = True  # without a block mask, constants: the dense kernels compile unchanged
-            state = 2
-            if HAS_BLOCKS:  # the tile's state (attention_blocks.tile_liveness): 0 is skipped
-                state = tl.load(Live_base + start_m // BLOCK_M * stride_lm + start_n * stride_ln)
-                live = state != 0
-            if live:
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < Lq
-                qT = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None],
-                             mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-                do_off = off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :]
-                do = tl.load(DO + do_off,
-                             mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-                if UPCAST:
-                    qT = qT.to(tl.float32)
-                    do = do.to(tl.float32)
-                lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
-                delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
-                # p = exp(s - lse) needs s rounded as the forward rounded it: at logits ~1e9 one ulp is 64.
-                # A tensor-core mma sums the d products of K Q^T in the order it sums those of Q K^T; numpy's
-                # BLAS (the interpreter's dot) does not, so there the forward's order is kept. On the GPU
-                # that transpose is a shared-memory round trip that spills (kernel_report: 8-48 B, NOTES.md).
-                if S_AS_FWD:
-                    sT = tl.trans(tl.dot(tl.trans(qT), tl.trans(k), input_precision=INPUT_PRECISION)) * tau
-                else:
-                    sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
-                validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
-                mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
-                validT = _block_valid(validT, offs_m[None, :], offs_n[:, None], Blocks_base, stride_bm, stride_bn,
-                                      block_q, block_k, state, HAS_BLOCKS)
-                sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-                # p <= 1 exactly, so the exponent is clamped at 0: an s rounded above the forward's cannot
-                # overflow (the select keeps s unfused)
-                pT = tl.exp(tl.minimum(sT - lse[None, :], 0.0))
-                dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-                dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-                dsT = pT * (dpT - delta[None, :])
-                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        TileNum_base = TileNum + off_b * stride_nb + off_h * stride_nh
+        TileIdx_base = TileIdx + off_b * stride_ib + off_h * stride_ih
+        loop_lo = lo
+        loop_hi = Lq
+        if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
+            loop_lo = 0
+            loop_hi = tl.load(TileNum_base + start_n * stride_nt)
+        for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_M):
+            start_m = it
+            partial = 0
+            if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
+                entry = tl.load(TileIdx_base + start_n * stride_it + it)
+                start_m = (entry // 2) * BLOCK_M
+                partial = entry % 2
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Lq
+            qT = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None],
+                         mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            if UPCAST:
+                qT = qT.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = _load_lse(LSE, (off_b * H + off_h) * Lq, offs_m, Lq)
+            delta = tl.load(Delta + (off_b * H + off_h) * Lq + offs_m, mask=m_ok, other=0.0)
+            # p = exp(s - lse) needs s rounded as the forward rounded it: at logits ~1e9 one ulp is 64.
+            # A tensor-core mma sums the d products of K Q^T in the order it sums those of Q K^T; numpy's
+            # BLAS (the interpreter's dot) does not, so there the forward's order is kept. On the GPU
+            # that transpose is a shared-memory round trip that spills (kernel_report: 8-48 B, NOTES.md).
+            if S_AS_FWD:
+                sT = tl.trans(tl.dot(tl.trans(qT), tl.trans(k), input_precision=INPUT_PRECISION)) * tau
+            else:
+                sT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * tau  # (BLOCK_N, BLOCK_M)
+            validT = _valid_tile(offs_m[None, :], offs_n[:, None], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
+            mask_ptrs = Mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
+            validT = _block_valid(validT, offs_m[None, :], offs_n[:, None], Blocks_base, stride_bm, stride_bn,
+                                  block_q, block_k, partial, BLOCK_KEYS)
+            sT, validT = _masked_scores(sT, validT, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+            # p <= 1 exactly, so the exponent is clamped at 0: an s rounded above the forward's cannot
+            # overflow (the select keeps s unfused)
+            pT = tl.exp(tl.minimum(sT - lse[None, :], 0.0))
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
     dk_off = off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + dk_off, (dk * tau).to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
     dv_off = off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :]
@@ -451,15 +473,16 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, Mask, Blocks, Live, LSE, Delta, DQ,
+    Q, K, V, DO, Mask, Blocks, TileNum, TileIdx, LSE, Delta, DQ,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_dqb, stride_dqh, stride_dqm,
-    stride_bb, stride_bh, stride_bm, stride_bn, stride_lb, stride_lh, stride_lm, stride_ln, block_q, block_k,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_nb, stride_nh, stride_nt, stride_ib, stride_ih, stride_it,
+    block_q, block_k,
     H, GROUP, Lq, Lk, D, DV, tau,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_IS_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    HAS_BLOCKS: tl.constexpr,
+    HAS_BLOCKS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One query block: dQ = tau sum_n ds K."""
@@ -485,37 +508,43 @@ def _attn_bwd_dq_kernel(
     V_base = V + off_b * stride_vb + off_hk * stride_vh
     Mask_base = Mask + off_b * stride_mb + off_h * stride_mh
     Blocks_base = Blocks + off_b * stride_bb + off_h * stride_bh
-    Live_base = Live + off_b * stride_lb + off_h * stride_lh
+    TileNum_base = TileNum + off_b * stride_nb + off_h * stride_nh
+    TileIdx_base = TileIdx + off_b * stride_ib + off_h * stride_ih
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
-    for start_n in range(0, hi, BLOCK_N):
-        live = True  # without a block mask, constants: the dense kernels compile unchanged
-        state = 2
-        if HAS_BLOCKS:  # the tile's state (attention_blocks.tile_liveness): 0 is skipped
-            state = tl.load(Live_base + start_m * stride_lm + start_n // BLOCK_N * stride_ln)
-            live = state != 0
-        if live:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < Lk
-            k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
-                        mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            vT = tl.load(V_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
-                         mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                vT = vT.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * tau
-            valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
-            mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
-            valid = _block_valid(valid, offs_m[:, None], offs_n[None, :], Blocks_base, stride_bm, stride_bn, block_q,
-                                 block_k, state, HAS_BLOCKS)
-            s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
-            p = tl.exp(tl.minimum(s - lse[:, None], 0.0))  # p <= 1 (see the dk/dv kernel)
-            dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    loop_lo = 0
+    loop_hi = hi
+    if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
+        loop_lo = 0
+        loop_hi = tl.load(TileNum_base + start_m * stride_nt)
+    for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_N):
+        start_n = it
+        partial = 0
+        if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
+            entry = tl.load(TileIdx_base + start_m * stride_it + it)
+            start_n = (entry // 2) * BLOCK_N
+            partial = entry % 2
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        vT = tl.load(V_base + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            vT = vT.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * tau
+        valid = _valid_tile(offs_m[:, None], offs_n[None, :], Lq, Lk, IS_CAUSAL, BOTTOM_RIGHT)
+        mask_ptrs = Mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        valid = _block_valid(valid, offs_m[:, None], offs_n[None, :], Blocks_base, stride_bm, stride_bn, block_q,
+                             block_k, partial, BLOCK_KEYS)
+        s, valid = _masked_scores(s, valid, mask_ptrs, HAS_MASK, MASK_IS_BOOL)
+        p = tl.exp(tl.minimum(s - lse[:, None], 0.0))  # p <= 1 (see the dk/dv kernel)
+        dp = tl.dot(do, vT, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq_off = off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
     tl.store(DQ + dq_off, (dq * tau).to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
 
@@ -636,21 +665,26 @@ def _mask_args(mask, q):
     return mask, mask.stride(), False
 
 
-def _block_args(blocks, block_q, block_k, q, k):
-    """(blocks, 4 strides, the tile states for a config) for a block mask expanded to (B, Hq, nQ, nK); for
-    None, stand-ins the kernels never read."""
+def _block_args(blocks, block_q, block_k, q, k, causal, shift):
+    """(blocks, 4 strides, walk) for a block mask expanded to (B, Hq, nQ, nK). walk(bm, bn, by_key) gives a
+    config's live tiles (attention_blocks.tile_lists, causal tiles removed) as kernel arguments: the
+    counts, the entries, their 6 strides and BLOCK_KEYS, whether a tile can be partly live (blocks that
+    are not multiples of the tile). For None, stand-ins the kernels never read."""
     if blocks is None:
-        return q, (0, 0, 0, 0), lambda bm, bn: (q, (0, 0, 0, 0))
+        return q, (0, 0, 0, 0), lambda bm, bn, by_key=False: (q, q, (0,) * 6, False)
     B, H, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     small = compact(blocks)
 
-    def states(bm, bn):  # per (query tile, key tile) of this config: attention_blocks.tile_liveness
-        live = tile_liveness(small, block_q, block_k, Lq, Lk, bm, bn)
-        live = live.expand(B, H, *live.shape[-2:])
-        return live, live.stride()
+    def walk(bm, bn, by_key=False):
+        states = tile_liveness(small, block_q, block_k, Lq, Lk, bm, bn)
+        keep = causal_tiles(Lq, Lk, bm, bn, shift) if causal else None
+        num, entries = tile_lists(states, keep, by_key)
+        num, entries = num.expand(B, H, *num.shape[-1:]), entries.expand(B, H, *entries.shape[-2:])
+        strides = (*num.stride(), *entries.stride()[:3])
+        return num, entries, strides, block_q % bm != 0 or block_k % bn != 0
 
     blocks = blocks.view(torch.uint8)
-    return blocks, blocks.stride(), states
+    return blocks, blocks.stride(), walk
 
 
 def _common(q, k, v, mask, blocks):
@@ -696,7 +730,7 @@ def attention_fwd(q, k, v, mask, blocks, block_q, block_k, causal, shift, scale,
     row_max = torch.empty_like(lse) if split else lse
     arg_max = torch.empty(lse.shape, dtype=torch.int32, device=q.device) if split else lse
     mask_t, mask_strides, mask_bool = _mask_args(mask, q)
-    blocks_t, block_strides, states = _block_args(blocks, block_q, block_k, q, k)
+    blocks_t, block_strides, walk = _block_args(blocks, block_q, block_k, q, k, causal, shift)
     grid = lambda bm: (triton.cdiv(Lq, bm), B * H)  # noqa: E731
     strides = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(tq), *_strides3(tk), *_strides3(tv),
                *mask_strides)
@@ -705,22 +739,22 @@ def attention_fwd(q, k, v, mask, blocks, block_q, block_k, causal, shift, scale,
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
-        live, live_strides = states(bm, bn)
+        num, entries, walk_strides, block_keys = walk(bm, bn)
         _attn_fwd_kernel[grid(bm)](
-            q, k, v, tq, tk, tv, mask_t, blocks_t, live, o, to, lse, row_max, arg_max,
-            *strides, *block_strides, *live_strides, block_q, block_k, *_strides3(o), *_strides3(to),
+            q, k, v, tq, tk, tv, mask_t, blocks_t, num, entries, o, to, lse, row_max, arg_max,
+            *strides, *block_strides, *walk_strides, block_q, block_k, *_strides3(o), *_strides3(to),
             H, H // Hk, Lq, Lk, D, DV, scale,
-            BLOCK_M=bm, BLOCK_N=bn, HAS_TANGENT=has_t and not split, STORE_MAX=split,
+            BLOCK_M=bm, BLOCK_N=bn, HAS_TANGENT=has_t and not split, STORE_MAX=split, BLOCK_KEYS=block_keys,
             num_warps=warps, num_stages=stages, **common)
 
     def launch_jvp(cfg):
         bm, bn, warps, stages = cfg
-        live, live_strides = states(bm, bn)
+        num, entries, walk_strides, block_keys = walk(bm, bn)
         _attn_jvp_kernel[grid(bm)](
-            q, k, v, tq, tk, tv, mask_t, blocks_t, live, o, row_max, arg_max, to,
-            *strides, *block_strides, *live_strides, block_q, block_k, *_strides3(o), *_strides3(to),
+            q, k, v, tq, tk, tv, mask_t, blocks_t, num, entries, o, row_max, arg_max, to,
+            *strides, *block_strides, *walk_strides, block_q, block_k, *_strides3(o), *_strides3(to),
             H, H // Hk, Lq, Lk, D, DV, scale,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KEYS=block_keys, num_warps=warps, num_stages=stages, **common)
 
     kind = "fwd_jvp" if has_t and not split else "fwd"
     _run_tuned(kind, key + (causal, split), flags["BLOCK_D"], q.dtype, launch)
@@ -740,29 +774,30 @@ def attention_bwd(do, q, k, v, o, lse, mask, blocks, block_q, block_k, causal, s
         o, do, delta, *_strides3(o), *_strides3(do), H, Lq, DV, BLOCK_M=bm, BLOCK_DV=flags["BLOCK_DV"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_t, mask_strides, mask_bool = _mask_args(mask, q)
-    blocks_t, block_strides, states = _block_args(blocks, block_q, block_k, q, k)
+    blocks_t, block_strides, walk = _block_args(blocks, block_q, block_k, q, k, causal, shift)
     common = dict(MASK_IS_BOOL=mask_bool, IS_CAUSAL=causal, BOTTOM_RIGHT=_bottom_right(causal, shift, Lq, Lk),
                   **flags)
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
-        live, live_strides = states(bm, bn)
+        num, entries, walk_strides, block_keys = walk(bm, bn, by_key=True)
         _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, bn), B * Hk)](
-            q, k, v, do, mask_t, blocks_t, live, lse, delta, dk, dv,
+            q, k, v, do, mask_t, blocks_t, num, entries, lse, delta, dk, dv,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *mask_strides,
-            *block_strides, *live_strides, block_q, block_k,
+            *block_strides, *walk_strides, block_q, block_k,
             *_strides3(dk), *_strides3(dv), H, group, Lq, Lk, D, DV, scale,
-            BLOCK_M=bm, BLOCK_N=bn, S_AS_FWD=INTERPRET, num_warps=warps, num_stages=stages, **common)
+            BLOCK_M=bm, BLOCK_N=bn, S_AS_FWD=INTERPRET, BLOCK_KEYS=block_keys, num_warps=warps,
+            num_stages=stages, **common)
 
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
-        live, live_strides = states(bm, bn)
+        num, entries, walk_strides, block_keys = walk(bm, bn)
         _attn_bwd_dq_kernel[(triton.cdiv(Lq, bm), B * H)](
-            q, k, v, do, mask_t, blocks_t, live, lse, delta, dq,
+            q, k, v, do, mask_t, blocks_t, num, entries, lse, delta, dq,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *mask_strides, *_strides3(dq),
-            *block_strides, *live_strides, block_q, block_k,
+            *block_strides, *walk_strides, block_q, block_k,
             H, group, Lq, Lk, D, DV, scale,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_KEYS=block_keys, num_warps=warps, num_stages=stages, **common)
 
     _run_tuned("bwd_dkdv", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dkdv)
     _run_tuned("bwd_dq", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dq)

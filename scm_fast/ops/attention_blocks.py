@@ -132,3 +132,27 @@ def tile_liveness(blocks, bq, bk, lq, lk, tile_m, tile_n):
             - counts[..., r1[:, None], c0[None, :]] + counts[..., r0[:, None], c0[None, :]])
     area = (r1 - r0)[:, None] * (c1 - c0)[None, :]
     return ((live > 0).to(torch.int8) + ((live == area) & (area > 0)).to(torch.int8))
+
+
+def causal_tiles(lq, lk, tile_m, tile_n, shift):
+    """bool (ceil(lq / tile_m), ceil(lk / tile_n)): whether a tile holds any key j <= i + shift (causal)."""
+    rows = torch.arange(0, max(lq, 1), tile_m)
+    cols = torch.arange(0, max(lk, 1), tile_n)
+    last_row = torch.clamp(rows + tile_m, max=lq) - 1
+    return cols[None, :] <= last_row[:, None] + shift
+
+
+def tile_lists(states, keep=None, by_key=False):
+    """The live tiles of each tile row, for kernels that walk only those (flex_attention's kv_num_blocks /
+    kv_indices): (num (..., nA) int32, entries (..., nA, nB) int32) with entries[..., a, :num[..., a]] =
+    2 x tile + (1 if the tile is only partly live), ascending. states as tile_liveness gives them (query
+    tiles x key tiles); keep (bool, broadcast) removes tiles as well (causal_tiles); by_key: per key tile,
+    its query tiles (the dK/dV kernel's walk)."""
+    if keep is not None:
+        states = torch.where(keep.to(states.device), states, torch.zeros((), dtype=states.dtype))
+    if by_key:
+        states = states.transpose(-1, -2)
+    live = states > 0
+    order = torch.sort((~live).to(torch.int8), dim=-1, stable=True).indices  # live tiles first, ascending
+    entries = 2 * order + (states.gather(-1, order) == 1)
+    return live.sum(-1, dtype=torch.int32), entries.to(torch.int32).contiguous()

@@ -22,6 +22,7 @@ import torch
 from scm_fast.precision import accumulation_dtype
 
 CHUNK = 512
+BLOCK_TILE = 128  # with a block mask: tiles of about this many queries and keys, whole blocks each
 
 
 def _apply_mask(s, mask):
@@ -62,19 +63,36 @@ def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
 
 
 class _Visible(NamedTuple):
-    """What hides a key from a query, in the grouped layout (B, Hk, G, ...)."""
-    mask: Optional[torch.Tensor]    # (B, Hk, G, Lq, Lk)
-    blocks: Optional[torch.Tensor]  # (B, Hk, G, nQ, nK)
+    """What hides a key from a query, in the grouped layout (B, Hk, G, ...), for the query rows
+    [row0, row0 + n) a pass sees."""
+    mask: Optional[torch.Tensor]    # (B, Hk, G, n, Lk): those rows
+    blocks: Optional[torch.Tensor]  # (B, Hk, G, nQ, nK): every block row
     block_q: int
     block_k: int
     causal: bool
     shift: int
+    row0: int = 0
 
-    def chunk_live(self, start, stop):
-        """False where no live block meets keys [start, stop): the chunk is skipped."""
+    def key_chunk(self):
+        """Keys per chunk: CHUNK, or whole key blocks of about BLOCK_TILE keys (a dead tile is skipped)."""
+        return CHUNK if self.blocks is None else self.block_k * -(-BLOCK_TILE // self.block_k)
+
+    def row_chunks(self, lq):
+        """Query row ranges a pass runs on: all rows, or whole query blocks of about BLOCK_TILE rows."""
+        if self.blocks is None or lq == 0:
+            return [(0, lq)]
+        step = self.block_q * -(-BLOCK_TILE // self.block_q)
+        return [(r, min(r + step, lq)) for r in range(0, lq, step)]
+
+    def rows(self, start, stop):
+        return self._replace(mask=None if self.mask is None else self.mask[..., start:stop, :], row0=start)
+
+    def live(self, n_rows, start, stop):
+        """False where no live block meets these rows and keys [start, stop): the tile is skipped."""
         if self.blocks is None:
             return True
-        return bool(self.blocks[..., start // self.block_k:-(-stop // self.block_k)].any())
+        r0, r1 = self.row0 // self.block_q, -(-(self.row0 + n_rows) // self.block_q)
+        return bool(self.blocks[..., r0:r1, start // self.block_k:-(-stop // self.block_k)].any())
 
 
 def _grouped(q, k, v, mask, blocks=None):
@@ -91,7 +109,7 @@ def _chunk_scores(q5, k5, vis, scale, start, stop):
     """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf."""
     s = _apply_mask(scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2)),
                     None if vis.mask is None else vis.mask[..., start:stop])
-    rows = torch.arange(q5.shape[-2], device=s.device)
+    rows = torch.arange(vis.row0, vis.row0 + q5.shape[-2], device=s.device)
     cols = torch.arange(start, stop, device=s.device)
     if vis.blocks is not None:  # key j of row i: blocks[i // block_q, j // block_k]
         keep = vis.blocks[..., rows // vis.block_q, :][..., cols // vis.block_k]
@@ -112,9 +130,10 @@ def _online_pass(q5, k5, v5, vis, scale, tangents=None):
     if tangents is not None:
         tq5, tk5, tv5 = (t.to(acc_dtype) for t in tangents)
         t_acc, r_i, c_i = torch.zeros_like(acc), torch.zeros_like(l_i), torch.zeros_like(l_i)
-    for start in range(0, k5.shape[-2], CHUNK):
-        stop = min(start + CHUNK, k5.shape[-2])
-        if not vis.chunk_live(start, stop):
+    step = vis.key_chunk()
+    for start in range(0, k5.shape[-2], step):
+        stop = min(start + step, k5.shape[-2])
+        if not vis.live(q5.shape[-2], start, stop):
             continue
         s = _chunk_scores(q5, k5, vis, scale, start, stop)
         chunk_max = s.amax(-1)
@@ -160,17 +179,45 @@ def _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift):
     return q5, k5, v5, _Visible(m5, b5, block_q, block_k, causal, shift)
 
 
+def _by_rows(vis, fn, rows_of, lq):
+    """fn(rows of each tensor, vis for them) over vis.row_chunks: (o, lse[, to]) concatenated along the
+    rows (dim -2 of o and to, -1 of lse)."""
+    parts = [fn(*(x[..., r0:r1, :] for x in rows_of), vis.rows(r0, r1)) for r0, r1 in vis.row_chunks(lq)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(xs, dim=-1 if i == 1 else -2) for i, xs in enumerate(zip(*parts)))
+
+
 def attention_fwd_reference(q, k, v, mask, blocks, block_q, block_k, causal, shift, scale):
     q5, k5, v5, vis = _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift)
-    o, lse = _online_pass(q5, k5, v5, vis, scale)
+    o, lse = _by_rows(vis, lambda q5, vis: _online_pass(q5, k5, v5, vis, scale), (q5,), q.shape[2])
     return _flat(o, q), _lse(lse, q)
 
 
 def attention_fwd_jvp_reference(q, k, v, tq, tk, tv, mask, blocks, block_q, block_k, causal, shift, scale):
     q5, k5, v5, vis = _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift)
     tq5, tk5, tv5, _, _ = _grouped(tq, tk, tv, None)
-    o, lse, to = _online_pass(q5, k5, v5, vis, scale, (tq5, tk5, tv5))
+    o, lse, to = _by_rows(vis, lambda q5, tq5, vis: _online_pass(q5, k5, v5, vis, scale, (tq5, tk5, tv5)),
+                          (q5, tq5), q.shape[2])
     return _flat(o, q), _lse(lse, q), _flat(to, q)
+
+
+def _bwd_rows(q5, k5, v5, do5, o5, lse5, vis, scale):
+    """dq of these query rows and their share of dk, dv, over the live key chunks."""
+    delta = (do5 * o5).sum(-1, keepdim=True)
+    dq = torch.zeros_like(q5)
+    dk, dv = torch.zeros_like(k5.squeeze(2)), torch.zeros_like(v5.squeeze(2))
+    step = vis.key_chunk()
+    for start in range(0, k5.shape[-2], step):
+        stop = min(start + step, k5.shape[-2])
+        if not vis.live(q5.shape[-2], start, stop):
+            continue
+        p = torch.exp(_chunk_scores(q5, k5, vis, scale, start, stop) - lse5[..., None])
+        dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
+        ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
+        dq += scale * (ds @ k5[..., start:stop, :])
+        dk[..., start:stop, :] = scale * (ds.transpose(-1, -2) @ q5).sum(2)
+    return dq, dk, dv
 
 
 def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, blocks, block_q, block_k, causal, shift, scale):
@@ -182,16 +229,11 @@ def attention_bwd_reference(grad_out, q, k, v, out, lse, mask, blocks, block_q, 
     o5 = out.to(acc_dtype).view_as(do5)
     lse5 = lse.to(acc_dtype).view(q5.shape[:-1])
     lse5 = lse5.masked_fill(torch.isneginf(lse5), float("inf"))  # empty rows: p = 0
-    delta = (do5 * o5).sum(-1, keepdim=True)
-    dq = torch.zeros_like(q5)
-    dk, dv = torch.zeros_like(k5.squeeze(2)), torch.zeros_like(v5.squeeze(2))
-    for start in range(0, k5.shape[-2], CHUNK):
-        stop = min(start + CHUNK, k5.shape[-2])
-        if not vis.chunk_live(start, stop):
-            continue
-        p = torch.exp(_chunk_scores(q5, k5, vis, scale, start, stop) - lse5[..., None])
-        dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
-        ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
-        dq += scale * (ds @ k5[..., start:stop, :])
-        dk[..., start:stop, :] = scale * (ds.transpose(-1, -2) @ q5).sum(2)
-    return _flat(dq, q), dk.to(k.dtype), dv.to(v.dtype)
+    dqs, dk, dv = [], 0, 0
+    for r0, r1 in vis.row_chunks(q.shape[2]):  # dk, dv: the sum over the row chunks
+        rows = slice(r0, r1)
+        dq_r, dk_r, dv_r = _bwd_rows(q5[..., rows, :], k5, v5, do5[..., rows, :], o5[..., rows, :], lse5[..., rows],
+                                     vis.rows(r0, r1), scale)
+        dqs.append(dq_r)
+        dk, dv = dk + dk_r, dv + dv_r
+    return _flat(torch.cat(dqs, dim=-2), q), dk.to(k.dtype), dv.to(v.dtype)

@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 from scm_fast.ops import BlockSparse, attention, attention_jvp, attention_ref
-from scm_fast.ops.attention_blocks import element_blocks, tile_liveness
+from scm_fast.ops.attention_blocks import causal_tiles, element_blocks, tile_liveness, tile_lists
 from test_attention import BLOCK, make, make_mask, ref_jvp_and_grad
 from tolerance import assert_rule
 
@@ -99,7 +99,7 @@ def test_forward_ad(device_backend):
 
 
 def test_dead_tiles_are_never_read(device_backend):
-    """Keys 512..1023 (a whole key chunk of the reference, whole tiles of the kernels) lie in dead
+    """Keys 512..1023 (whole tiles of every backend: the reference's 128, the kernels' 64 and 128) lie in dead
     blocks for every query: NaN there in k, v and their tangents cannot reach any output or gradient,
     which it would if the tiles were computed and masked (p = 0 times NaN). Against the reference on
     the keys that remain."""
@@ -195,6 +195,29 @@ def test_tile_states_against_the_element_mask(tile):
             part = element[..., i * tm:(i + 1) * tm, j * tn:(j + 1) * tn].flatten(-2)
             want = part.any(-1).to(torch.int8) + part.all(-1).to(torch.int8)
             assert torch.equal(states[..., i, j], want), (i, j)
+
+
+@pytest.mark.parametrize("by_key", [False, True], ids=["by-query", "by-key"])
+def test_tile_lists_walk_the_live_tiles_in_order(by_key):
+    """The Triton kernels' walk: per tile row (per key tile with by_key) its live tiles, ascending, each
+    flagged when only partly live; causal tiles (bottom-right, Lq < Lk) removed."""
+    Lq, Lk, tm, tn, shift = 150, 203, 32, 16, 203 - 150
+    states = tile_liveness(make_blocks(2, 3, Lq, Lk, 24, 40), 24, 40, Lq, Lk, tm, tn)
+    keep = causal_tiles(Lq, Lk, tm, tn, shift)
+    rows, cols = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    visible = (cols <= rows + shift)
+    for i in range(keep.shape[0]):
+        for j in range(keep.shape[1]):
+            assert keep[i, j] == visible[i * tm:(i + 1) * tm, j * tn:(j + 1) * tn].any()
+    num, entries = tile_lists(states, keep, by_key)
+    want = torch.where(keep, states, 0)
+    want = want.transpose(-1, -2) if by_key else want
+    for idx in torch.cartesian_prod(*(torch.arange(n) for n in want.shape[:-1])).tolist():
+        row = want[tuple(idx)]
+        live = torch.nonzero(row).flatten()
+        n = num[tuple(idx)].item()
+        assert n == len(live)
+        assert entries[tuple(idx)][:n].tolist() == (2 * live + (row[live] == 1)).tolist()
 
 
 def test_bad_block_masks_name_what_was_expected():
