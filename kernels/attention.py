@@ -623,11 +623,16 @@ def _input_precision(dtype):
     return "tf32"
 
 
-def _run_tuned(kind, key, block_d, dtype, launch):
-    """Launch with the fastest config for `key`, timing every config on the first call (GPU only)."""
+def _run_tuned(kind, key, block_d, dtype, launch, blocks=None):
+    """Launch with the fastest config for `key`, timing every config on the first call (GPU only).
+    blocks (block_q, block_k) of a block mask: only the configs whose tiles divide the blocks, if any
+    (no per-key check, which spills: NOTES.md section 26)."""
     if INTERPRET:
         return launch((INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, 4, 1))
     candidates = configs(kind, block_d, dtype)
+    if blocks is not None:
+        key = key + blocks
+        candidates = [c for c in candidates if blocks[0] % c[0] == 0 and blocks[1] % c[1] == 0] or candidates
     if os.environ.get("SCM_FAST_AUTOTUNE", "1") == "0":
         return launch(candidates[0])
     cfg = _best_config.get((kind, key))
@@ -757,9 +762,10 @@ def attention_fwd(q, k, v, mask, blocks, block_q, block_k, causal, shift, scale,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_KEYS=block_keys, num_warps=warps, num_stages=stages, **common)
 
     kind = "fwd_jvp" if has_t and not split else "fwd"
-    _run_tuned(kind, key + (causal, split), flags["BLOCK_D"], q.dtype, launch)
+    sizes = None if blocks is None else (block_q, block_k)
+    _run_tuned(kind, key + (causal, split), flags["BLOCK_D"], q.dtype, launch, sizes)
     if split:
-        _run_tuned("jvp", key + (causal,), flags["BLOCK_D"], q.dtype, launch_jvp)
+        _run_tuned("jvp", key + (causal,), flags["BLOCK_D"], q.dtype, launch_jvp, sizes)
     return (o, lse, to) if has_t else (o, lse)
 
 
@@ -799,6 +805,7 @@ def attention_bwd(do, q, k, v, o, lse, mask, blocks, block_q, block_k, causal, s
             H, group, Lq, Lk, D, DV, scale,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_KEYS=block_keys, num_warps=warps, num_stages=stages, **common)
 
-    _run_tuned("bwd_dkdv", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dkdv)
-    _run_tuned("bwd_dq", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dq)
+    sizes = None if blocks is None else (block_q, block_k)
+    _run_tuned("bwd_dkdv", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dkdv, sizes)
+    _run_tuned("bwd_dq", key + (causal,), flags["BLOCK_D"], q.dtype, launch_dq, sizes)
     return dq, dk, dv

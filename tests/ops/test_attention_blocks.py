@@ -235,3 +235,17 @@ def test_bad_block_masks_name_what_was_expected():
     other = create_block_mask(_sliding_causal, None, None, 64, 70, device="cpu", BLOCK_SIZE=16)
     with pytest.raises(ValueError, match=r"the BlockMask is for \(Lq, Lk\) = \(64, 70\), the call's is \(50, 70\)"):
         attention(q, k, v, block_mask=other)
+
+
+def test_gpu_autotune_prefers_tiles_that_divide_the_blocks(monkeypatch):
+    """On a GPU (here: the launcher's config choice with the interpreter switched off) a block mask
+    restricts the candidates to configs whose tiles divide its blocks, so no tile is partly live and
+    the kernels skip the per-key check (benchmarks/NOTES.md section 26); none fits: every config."""
+    from scm_fast.kernels import attention as aj
+    monkeypatch.setattr(aj, "INTERPRET", False)
+    monkeypatch.setenv("SCM_FAST_AUTOTUNE", "0")  # the first candidate, no timing
+    chosen = []
+    for blocks in [(64, 64), (128, 32), None, (17, 33)]:
+        aj._run_tuned("fwd", ("test", blocks), 64, torch.float16, chosen.append, blocks)
+    everything = aj.configs("fwd", 64, torch.float16)
+    assert [c[:2] for c in chosen] == [(64, 64), (128, 32), everything[0][:2], everything[0][:2]]
