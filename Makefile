@@ -3,7 +3,7 @@
 # make distill-demo  a diffusers SD3 transformer trained on digits, then distilled with sCD (--arch diffusers; <= 15 min)
 # make test       fresh clone -> .venv, pinned deps, build scm_fast._C, run the tests (CPU, < 10 min)
 # make test-slow  the larger cases too
-# make bench      CPU benchmarks (fused attention JVP and adaptive norm vs PyTorch) and the GPU kernel build report
+# make bench      CPU benchmarks (fused attention JVP, block-sparse attention and adaptive norm vs PyTorch) and the GPU kernel build report
 # make asan       the C++ kernel tests under AddressSanitizer (rebuilds the extension twice)
 # make gpu-check  on a CUDA machine: CUDA tests, kernel report, benchmarks
 PYTHON ?= python3
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/kernel_report.py
 	$(PY) benchmarks/adaptive_norm.py
+	$(PY) benchmarks/block_sparse_attention.py
 	$(PY) benchmarks/jvp_attention.py
 
 report: $(STAMP)
@@ -60,7 +61,9 @@ gpu-check: $(STAMP)
 	$(PY) -m scm_fast.info
 	$(PY) -m pytest -q -m "slow or not slow" tests
 	$(PY) benchmarks/kernel_report.py
+	$(PY) benchmarks/kernel_report.py --blocks aligned
 	$(PY) benchmarks/adaptive_norm.py --device cuda
+	$(PY) benchmarks/block_sparse_attention.py --device cuda --L 16384 --H 16
 	$(PY) benchmarks/jvp_attention.py --device cuda
 
 clean:

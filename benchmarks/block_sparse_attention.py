@@ -14,6 +14,8 @@ equivalent dense mask (harness.check_close, harness.TOL); a failing check aborts
 
 Run:  python benchmarks/block_sparse_attention.py                 L 4096, D 64, cpp backend
       python benchmarks/block_sparse_attention.py --backends cpp reference --L 2048
+      python benchmarks/block_sparse_attention.py --device cuda --L 16384 --H 16   the Triton kernels, bf16
+(on CUDA: triton.testing.do_bench, bf16; the matmul rate is bf16's)
 Writes OUT/block_sparse_attention.json (raw numbers and environment).
 """
 import argparse
@@ -46,10 +48,15 @@ def parse_args(argv=None):
     p.add_argument("--density", type=float, nargs="+", default=[0.1, 0.5, 1.0], help="fractions of live blocks")
     p.add_argument("--kinds", nargs="+", choices=sorted(FLOP_PER_L2D), default=["jvp", "fwd", "bwd"])
     p.add_argument("--backends", nargs="+", choices=["cpp", "reference"], default=["cpp"],
-                   help="scm_fast CPU backends to time (the Triton kernels need a GPU)")
+                   help="scm_fast CPU backends to time (ignored with --device cuda: the Triton kernels)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--out", default=os.path.join("benchmarks", "out"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        args.backends = ["auto"]
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return args
 
 
 def make_blocks(args, density, seed=1):
@@ -105,20 +112,25 @@ def check(kind, outputs, inputs, block_mask, label):
 
 def measure(kind, inputs, block_mask, label):
     fn = thunk(kind, inputs, block_mask)
-    first = harness.time_loop(fn, 1, "cpu", warmup=0).median
+    device = inputs[0].device.type
+    first = harness.time_loop(fn, 1, device, warmup=0).median
     check(kind, fn(), inputs, block_mask, label)
+    if device == "cuda":
+        return harness.time_do_bench(fn).median
     reps = max(2, min(MAX_REPS, round(TARGET_S / max(first, 1e-3))))
-    return harness.time_loop(fn, reps, "cpu", warmup=0).median
+    return harness.time_loop(fn, reps, device, warmup=0).median
 
 
-def matmul_rate():
-    a, b = (torch.randn(2048, 2048) for _ in range(2))
-    return 2 * 2048 ** 3 / harness.time_loop(lambda: a @ b, 5, "cpu", warmup=1).median
+def matmul_rate(dtype, device):
+    n = 8192 if device == "cuda" else 2048
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    timer = harness.time_do_bench(lambda: a @ b) if device == "cuda" else harness.time_loop(lambda: a @ b, 5, device)
+    return 2 * n ** 3 / timer.median
 
 
 def run(args):
     g = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(args.B, args.H, args.L, args.D, generator=g) for _ in range(6)]
+    inputs = [torch.randn(args.B, args.H, args.L, args.D, generator=g).to(args.device, args.dtype) for _ in range(6)]
     rows = []
     for backend in args.backends:
         with use_backend(backend):
@@ -128,7 +140,7 @@ def run(args):
                 rows.append(dict(backend=backend, kind=kind, density=None, time_s=dense, flop=flop))
                 print(f"{backend} {kind} dense: {dense * 1e3:.0f} ms", file=sys.stderr, flush=True)
                 for density in args.density:
-                    blocks = make_blocks(args, density)
+                    blocks = make_blocks(args, density).to(args.device)
                     live = blocks.float().mean().item()
                     t = measure(kind, inputs, BlockSparse(blocks, args.block, args.block),
                                 f"{backend} {kind} density {density}")
@@ -155,18 +167,19 @@ def table(rows, rate):
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
-    rate = matmul_rate()
+    rate = matmul_rate(args.dtype, args.device)
     rows = run(args)
-    rate = max(rate, matmul_rate())
+    rate = max(rate, matmul_rate(args.dtype, args.device))
     env = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
            "threads": torch.get_num_threads(), "B": args.B, "H": args.H, "L": args.L, "D": args.D,
-           "block": args.block, "backend": _registry.describe()["attention_fwd_jvp"], "matmul_flop_per_s": rate}
+           "block": args.block, "device": args.device, "dtype": str(args.dtype),
+           "backend": _registry.describe()["attention_fwd_jvp"], "matmul_flop_per_s": rate}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "block_sparse_attention.json")
     with open(path, "w") as f:
         json.dump({"environment": env, "results": rows}, f, indent=2)
-    print(f"\nfp32, B={args.B} H={args.H} L={args.L} D={args.D}, {args.block} x {args.block} blocks, "
-          f"{env['threads']} threads; matmul rate {rate / 1e9:.1f} GFLOP/s")
+    print(f"\n{args.device} {str(args.dtype)[6:]}, B={args.B} H={args.H} L={args.L} D={args.D}, "
+          f"{args.block} x {args.block} blocks, {env['threads']} threads; matmul rate {rate / 1e9:.1f} GFLOP/s")
     print("vs dense = time / the dense op's; vs ideal = (time / dense) / density; x limit = matmul rate / "
           "the dense op's FLOP rate\n")
     print(table(rows, rate))

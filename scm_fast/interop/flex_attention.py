@@ -6,7 +6,9 @@ patch_sdpa is active, `torch.nn.attention.flex_attention.flex_attention` (the mo
 diffusers' dispatcher calls) runs `scm_fast.ops.attention(q, k, v, block_mask=block_mask, scale=scale)`:
 the BlockMask's full and partial blocks become the op's block mask (dead tiles skipped) and, inside
 partial blocks, its mask_mod an element mask (scm_fast.ops.attention_blocks; Lq x Lk bytes per
-(batch, head) the BlockMask names, none when its mask_mod is noop_mask).
+(batch, head) the BlockMask names, none when its mask_mod is noop_mask). That is what flex_attention's
+compiled kernel attends (full blocks: every key; partial blocks: where the mask_mod allows); its eager
+path evaluates the mask_mod alone. The two agree for BlockMasks made by create_block_mask.
 
 Calls the fused op cannot express go to PyTorch's flex_attention with a one-time warning: a score_mod
 (diffusers passes additive masks as one), return_lse / return_aux, dropout-free but non-4-D or

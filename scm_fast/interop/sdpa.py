@@ -22,6 +22,9 @@ diffusers' non-native attention backends). While patched, an `sdpa_kernel(...)` 
 does not apply to the routed calls. (torch.compile guards on the attribute: a model compiled before
 the patch recompiles when it is patched or restored.)
 
+While patched, `torch.nn.attention.flex_attention.flex_attention` (diffusers' "flex" backend calls
+it there) runs the block-sparse fused attention too: scm_fast.interop.flex_attention.
+
 Same arguments and results as SDPA, forward AD and backward. Calls the fused op cannot run exactly
 go to PyTorch's own SDPA with a one-time warning naming the reason: dropout_p > 0, an attn_mask that
 requires grad or carries a tangent, query/key/value leading dims that broadcast instead of matching
@@ -405,8 +408,10 @@ def patch_sdpa(*, jvp_only=False, modules=()):
     """Route torch.nn.functional.scaled_dot_product_attention to scm_fast's fused attention, now, and
     torch.nn.functional.group_norm (so nn.GroupNorm) to a tangent-safe one under forward AD
     (scm_fast.interop.group_norm: non-contiguous inputs, bf16 under autocast; calls without a tangent
-    run PyTorch's), and torch.nn.functional.linear to one without a tangent graph inside
-    scm_fast.ops.constant_tangents (scm_fast.interop.linear; sCM's one pass).
+    run PyTorch's), torch.nn.functional.linear to one without a tangent graph inside
+    scm_fast.ops.constant_tangents (scm_fast.interop.linear; sCM's one pass), and
+    torch.nn.attention.flex_attention.flex_attention to the block-sparse fused attention
+    (scm_fast.interop.flex_attention: BlockMask models under torch.func.jvp).
 
     Returns an SDPAPatch: `with patch_sdpa(): ...` restores the previous SDPA on exit; called on its
     own it is a global switch until `.remove()` or `unpatch_sdpa()`. Patches nest; the latest active

@@ -8,7 +8,8 @@ density rho it does about rho of the dense work. Element (i, j) is visible iff
 Three ways to give one (`scm_fast.ops.attention(..., block_mask=...)`):
   BlockSparse(blocks, block_q, block_k)   blocks: bool (B or 1, H or 1, ceil(Lq / block_q), ceil(Lk / block_k));
                                           BlockSparse.from_mask(mask) builds it from an element mask
-  a torch flex_attention BlockMask        its blocks (full and partial) and, for partial blocks, its mask_mod
+  a torch flex_attention BlockMask        its blocks: full ones attend every key, partial ones where its
+                                          mask_mod allows (flex_attention's compiled semantics)
   a mask_mod(b, h, q_idx, kv_idx)         as flex_attention's create_block_mask, 128 x 128 blocks
 A BlockMask or mask_mod whose mask_mod is not noop_mask is also evaluated element by element (torch's
 create_mask): a bool (B or 1, H or 1, Lq, Lk) tensor, Lq x Lk bytes per (batch, head) it names. A

@@ -159,6 +159,24 @@ def test_flex_block_mask_equals_flex_attention(heads, device_backend):
     assert_rule("to", to, low[1], exact[1], torch.float32)
 
 
+def test_flex_full_blocks_attend_every_key_and_partial_ones_ask_the_mask_mod():
+    """flex_attention's kernel semantics (what its compiled path does): keys in a full block all attend,
+    keys in a partial block where the mask_mod says so, others none; for a BlockMask whose blocks
+    disagree with its mask_mod (from_kv_blocks). (Eager flex_attention evaluates the mask_mod alone.)"""
+    from torch.nn.attention.flex_attention import BlockMask
+    L, bs = 64, 16
+    partial_idx = torch.arange(4, dtype=torch.int32).view(1, 1, 4, 1).expand(1, 1, 4, 4).contiguous()  # diagonal
+    full_idx = torch.zeros(1, 1, 4, 4, dtype=torch.int32)  # key block 0, for query block 3 only
+    block_mask = BlockMask.from_kv_blocks(
+        torch.ones(1, 1, 4, dtype=torch.int32), partial_idx, torch.tensor([[[0, 0, 0, 1]]], dtype=torch.int32),
+        full_idx, BLOCK_SIZE=bs, mask_mod=lambda b, h, q, k: (q + k) % 3 == 0, seq_lengths=(L, L))
+    rows, cols = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    dense = ((rows // bs == cols // bs) & ((rows + cols) % 3 == 0)) | ((rows // bs == 3) & (cols // bs == 0))
+    q, k, v = make((1, 2, L, 8), (1, 2, L, 8), 8, torch.float32, "cpu")[:3]
+    torch.testing.assert_close(attention(q, k, v, block_mask=block_mask), attention_ref(q, k, v, dense),
+                               atol=2e-6, rtol=2e-6)
+
+
 def test_mask_mod_is_a_block_mask_too():
     B, H, L, D = 1, 2, 150, 16
     q, k, v = make((B, H, L, D), (B, H, L, D), D, torch.float32, "cpu")[:3]
