@@ -79,8 +79,9 @@ def test_diffusers_flex_backend_dispatches_a_block_mask(fused_calls):
 
 
 def test_a_diffusers_model_on_the_flex_backend_runs_under_jvp(fused_calls):
-    """A tiny Wan transformer set to diffusers' flex backend: the same output and tangent as on its
-    default (SDPA) backend, both through patch_sdpa."""
+    """A tiny Wan transformer on diffusers' flex backend: the same output and tangent as on its default
+    (SDPA) backend, both through patch_sdpa."""
+    from diffusers.models.attention_dispatch import attention_backend
     torch.manual_seed(0)
     model = tiny_diffusers.wan().eval()
     x = torch.randn(1, 4, 2, 8, 8)
@@ -94,10 +95,9 @@ def test_a_diffusers_model_on_the_flex_backend_runs_under_jvp(fused_calls):
 
     o_sdpa, to_sdpa = run()
     assert not fused_calls
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "attention backends are experimental"
-        model.set_attention_backend("flex")
-    o_flex, to_flex = run()
+    # the context manager, not model.set_attention_backend, which also sets diffusers' process-wide default
+    with attention_backend("flex"):
+        o_flex, to_flex = run()
     assert len(fused_calls) >= 2  # self- and cross-attention of each block
     torch.testing.assert_close(o_flex, o_sdpa, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(to_flex, to_sdpa, atol=1e-5, rtol=1e-5)
