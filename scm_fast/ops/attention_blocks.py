@@ -12,9 +12,10 @@ Three ways to give one (`scm_fast.ops.attention(..., block_mask=...)`):
                                           mask_mod allows (flex_attention's compiled semantics)
   a mask_mod(b, h, q_idx, kv_idx)         as flex_attention's create_block_mask, 128 x 128 blocks
 A BlockMask or mask_mod whose mask_mod is not noop_mask is also evaluated element by element (torch's
-create_mask): a bool (B or 1, H or 1, Lq, Lk) tensor, Lq x Lk bytes per (batch, head) it names. A
-BlockSparse costs only its blocks.
+create_mask): a bool (B or 1, H or 1, Lq, Lk) tensor, Lq x Lk bytes per (batch, head) it names, once
+per BlockMask while it lives (a model's layers share one). A BlockSparse costs only its blocks.
 """
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -71,10 +72,19 @@ def _dense_blocks(num_blocks, indices, n_kv):
     return dense[..., :n_kv] > 0
 
 
+_converted = weakref.WeakKeyDictionary()  # BlockMask -> from_flex's result, while the BlockMask lives
+
+
 def from_flex(block_mask):
     """(BlockSparse, element mask or None) that select what flex_attention(block_mask=block_mask) attends:
     its full and partial blocks, and inside partial blocks its mask_mod (None where it has no partial
-    block or its mask_mod is noop_mask)."""
+    block or its mask_mod is noop_mask). Computed once per BlockMask (the layers of a model share one)."""
+    if block_mask not in _converted:
+        _converted[block_mask] = _convert_flex(block_mask)
+    return _converted[block_mask]
+
+
+def _convert_flex(block_mask):
     from torch.nn.attention.flex_attention import create_mask, noop_mask
     bq, bk = block_mask.BLOCK_SIZE
     lq, lk = block_mask.seq_lengths

@@ -177,6 +177,23 @@ def test_flex_full_blocks_attend_every_key_and_partial_ones_ask_the_mask_mod():
                                atol=2e-6, rtol=2e-6)
 
 
+def test_a_block_mask_is_converted_once_while_it_lives(monkeypatch):
+    """The layers of a model share one BlockMask: its mask_mod is evaluated on the first call only."""
+    import torch.nn.attention.flex_attention as flex
+    calls = []
+    real = flex.create_mask
+    monkeypatch.setattr(flex, "create_mask", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make((1, 2, 100, 8), (1, 2, 100, 8), 8, torch.float32, "cpu")[:3]
+    block_mask, other = (create_block_mask(_sliding_causal, None, None, 100, 100, device="cpu", BLOCK_SIZE=32)
+                         for _ in range(2))
+    calls.clear()  # create_block_mask evaluates it too
+    first = attention(q, k, v, block_mask=block_mask)
+    torch.testing.assert_close(attention(q, k, v, block_mask=block_mask), first, rtol=0, atol=0)
+    assert len(calls) == 1
+    attention(q, k, v, block_mask=other)
+    assert len(calls) == 2
+
+
 def test_mask_mod_is_a_block_mask_too():
     B, H, L, D = 1, 2, 150, 16
     q, k, v = make((B, H, L, D), (B, H, L, D), D, torch.float32, "cpu")[:3]
