@@ -682,7 +682,7 @@ def _block_args(blocks, block_q, block_k, q, k, causal, shift):
 
     def walk(bm, bn, by_key=False):
         states = tile_liveness(small, block_q, block_k, Lq, Lk, bm, bn)
-        keep = causal_tiles(Lq, Lk, bm, bn, shift) if causal else None
+        keep = causal_tiles(Lq, Lk, bm, bn, shift, small.device) if causal else None
         num, entries = tile_lists(states, keep, by_key)
         num, entries = num.expand(B, H, *num.shape[-1:]), entries.expand(B, H, *entries.shape[-2:])
         strides = (*num.stride(), *entries.stride()[:3])

@@ -45,7 +45,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from scm_fast.ops import _registry, _transforms
-from scm_fast.ops.attention_blocks import BlockSparse, from_flex, from_mask_mod, is_flex_block_mask
+from scm_fast.ops.attention_blocks import BlockSparse, from_flex, from_mask_mod, is_flex_block_mask, positive_int
 from scm_fast.ops.attention_ref import (attention_bwd_reference, attention_fwd_reference,
                                         attention_fwd_jvp_reference, attention_ref, causal_shift)
 from scm_fast.precision import accumulation_dtype
@@ -187,7 +187,7 @@ def _block_mask_reasons(block_mask, q, k):
         return [Unsupported("block_mask_dtype", "block_mask.blocks must be a bool tensor, got "
                             f"{getattr(blocks, 'dtype', type(blocks).__name__)}", TypeError)]
     for name, size in (("block_q", bq), ("block_k", bk)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not positive_int(size):
             return [Unsupported("block_size", f"block_mask.{name} must be a positive int, got {size!r}", ValueError)]
     if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k)):
         return []
@@ -208,15 +208,15 @@ def _flex_reasons(block_mask, q, k):
         return []
     lengths = (q.shape[2], k.shape[2])
     if tuple(block_mask.seq_lengths) != lengths:
-        return [Unsupported("block_mask_shape", f"the BlockMask is for (Lq, Lk) = {tuple(block_mask.seq_lengths)}, "
-                            f"the call's is {lengths}", ValueError)]
+        return [Unsupported("block_mask_shape", f"block_mask: the BlockMask is for (Lq, Lk) = "
+                            f"{tuple(block_mask.seq_lengths)}, the call's is {lengths}", ValueError)]
     B, H = block_mask.kv_num_blocks.shape[:2]
     if B not in (1, q.shape[0]) or H not in (1, q.shape[1]):
-        return [Unsupported("block_mask_shape", f"the BlockMask's (B, H) = {(B, H)} does not broadcast to q's "
-                            f"{tuple(q.shape[:2])}", ValueError)]
+        return [Unsupported("block_mask_shape", f"block_mask: the BlockMask's (B, H) = {(B, H)} does not broadcast "
+                            f"to q's {tuple(q.shape[:2])}", ValueError)]
     if block_mask.kv_num_blocks.device != q.device:
-        return [Unsupported("block_mask_device", f"the BlockMask is on {block_mask.kv_num_blocks.device} but q is on "
-                            f"{q.device}", ValueError)]
+        return [Unsupported("block_mask_device", f"block_mask: the BlockMask is on {block_mask.kv_num_blocks.device} "
+                            f"but q is on {q.device}", ValueError)]
     return []
 
 
@@ -284,15 +284,16 @@ def _scale_value(scale, q):
     return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
-def _with_keep(attn_mask, keep):
-    """attn_mask restricted to a bool element mask `keep` (True = attend)."""
+def _with_keep(attn_mask, keep, q):
+    """attn_mask restricted to a bool element mask `keep` (True = attend); an additive mask in the kernels'
+    fp32 (one Lq x Lk copy, not two)."""
     if keep is None:
         return attn_mask
     if attn_mask is None:
         return keep
     if attn_mask.dtype == torch.bool:
         return attn_mask & keep
-    return torch.where(keep, attn_mask, float("-inf"))
+    return torch.where(keep, attn_mask.to(accumulation_dtype(q)), float("-inf"))
 
 
 def _consts(q, k, attn_mask, block_mask, causal, scale):
@@ -304,8 +305,9 @@ def _consts(q, k, attn_mask, block_mask, causal, scale):
             block_mask, keep = from_flex(block_mask)
         elif not isinstance(block_mask, BlockSparse):  # a mask_mod
             block_mask, keep = from_mask_mod(block_mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
-        attn_mask = _with_keep(attn_mask, keep)
+        attn_mask = _with_keep(attn_mask, keep, q)
         blocks, bq, bk = block_mask
+        bq, bk = int(bq), int(bk)
         blocks = blocks.expand(_blocks_shape(q, k, bq, bk))
     is_causal, shift = causal_shift(causal, q.shape[-2], k.shape[-2])
     return _prepare_mask(attn_mask, q, k), blocks, bq, bk, is_causal, shift, _scale_value(scale, q)

@@ -10,11 +10,13 @@ Three ways to give one (`scm_fast.ops.attention(..., block_mask=...)`):
                                           BlockSparse.from_mask(mask) builds it from an element mask
   a torch flex_attention BlockMask        its blocks: full ones attend every key, partial ones where its
                                           mask_mod allows (flex_attention's compiled semantics)
-  a mask_mod(b, h, q_idx, kv_idx)         as flex_attention's create_block_mask, 128 x 128 blocks
+  a mask_mod(b, h, q_idx, kv_idx)         as flex_attention's create_block_mask, 128 x 128 blocks (evaluated
+                                          on every call: build the BlockMask once where a model reuses it)
 A BlockMask or mask_mod whose mask_mod is not noop_mask is also evaluated element by element (torch's
 create_mask): a bool (B or 1, H or 1, Lq, Lk) tensor, Lq x Lk bytes per (batch, head) it names, once
 per BlockMask while it lives (a model's layers share one). A BlockSparse costs only its blocks.
 """
+import numbers
 import weakref
 from typing import NamedTuple
 
@@ -31,12 +33,16 @@ class BlockSparse(NamedTuple):
 
     @classmethod
     def from_mask(cls, mask, block_q=DEFAULT_BLOCK, block_k=DEFAULT_BLOCK):
-        """The blocks of a bool element mask (..., Lq, Lk), True = attend: a block attends iff any of its
-        elements does. The mask's own pattern inside a block still needs attn_mask=mask."""
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
-            raise TypeError(f"BlockSparse.from_mask: mask must be a bool tensor (..., Lq, Lk), got "
+        """The blocks of a bool element mask (Lq, Lk) to (B, H, Lq, Lk), True = attend: a block attends iff
+        any of its elements does. The mask's own pattern inside a block still needs attn_mask=mask."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"BlockSparse.from_mask: mask must be a bool tensor, got "
                             f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        if not 2 <= mask.dim() <= 4:
+            raise ValueError(f"BlockSparse.from_mask: mask must be (Lq, Lk), (H, Lq, Lk) or (B, H, Lq, Lk), got shape "
+                             f"{tuple(mask.shape)}")
         _check_block_size("BlockSparse.from_mask", block_q, block_k)
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
         lq, lk = mask.shape[-2:]
         nq, nk = -(-lq // block_q), -(-lk // block_k)
         padded = mask.new_zeros(*mask.shape[:-2], nq * block_q, nk * block_k)
@@ -49,9 +55,14 @@ class BlockSparse(NamedTuple):
         return self.blocks.float().mean().item() if self.blocks.numel() else 0.0
 
 
+def positive_int(size):
+    """True for a positive integer (int, numpy or torch integer scalars), not a bool."""
+    return isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1
+
+
 def _check_block_size(where, block_q, block_k):
     for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not positive_int(size):
             raise ValueError(f"{where}: {name} must be a positive int, got {size!r}")
 
 
@@ -105,9 +116,15 @@ def _convert_flex(block_mask):
 
 
 def from_mask_mod(mask_mod, B, H, lq, lk, device, block_size=DEFAULT_BLOCK):
-    """from_flex of flex_attention.create_block_mask(mask_mod, B, H, lq, lk, device, block_size)."""
+    """from_flex of flex_attention.create_block_mask(mask_mod, B, H, lq, lk, device, block_size): evaluated
+    on every call (B x H x lq x lk elements); a model that reuses a mask builds the BlockMask once."""
     from torch.nn.attention.flex_attention import create_block_mask
-    return from_flex(create_block_mask(mask_mod, B, H, lq, lk, device=device, BLOCK_SIZE=block_size))
+    try:
+        block_mask = create_block_mask(mask_mod, B, H, lq, lk, device=device, BLOCK_SIZE=block_size)
+    except Exception as e:  # noqa: BLE001 - torch's own message, with what was being evaluated
+        raise ValueError(f"block_mask: evaluating the mask_mod(b, h, q_idx, kv_idx) -> bool tensor over "
+                         f"({B}, {H}, {lq}, {lk}) failed: {type(e).__name__}: {e}") from e
+    return from_flex(block_mask)
 
 
 def element_blocks(blocks, bq, bk, lq, lk):
@@ -145,10 +162,10 @@ def tile_liveness(blocks, bq, bk, lq, lk, tile_m, tile_n):
     return ((live > 0).to(torch.int8) + ((live == area) & (area > 0)).to(torch.int8))
 
 
-def causal_tiles(lq, lk, tile_m, tile_n, shift):
+def causal_tiles(lq, lk, tile_m, tile_n, shift, device=None):
     """bool (ceil(lq / tile_m), ceil(lk / tile_n)): whether a tile holds any key j <= i + shift (causal)."""
-    rows = torch.arange(0, max(lq, 1), tile_m)
-    cols = torch.arange(0, max(lk, 1), tile_n)
+    rows = torch.arange(0, max(lq, 1), tile_m, device=device)
+    cols = torch.arange(0, max(lk, 1), tile_n, device=device)
     last_row = torch.clamp(rows + tile_m, max=lq) - 1
     return cols[None, :] <= last_row[:, None] + shift
 
@@ -160,7 +177,7 @@ def tile_lists(states, keep=None, by_key=False):
     tiles x key tiles); keep (bool, broadcast) removes tiles as well (causal_tiles); by_key: per key tile,
     its query tiles (the dK/dV kernel's walk)."""
     if keep is not None:
-        states = torch.where(keep.to(states.device), states, torch.zeros((), dtype=states.dtype))
+        states = torch.where(keep, states, torch.zeros((), dtype=states.dtype, device=states.device))
     if by_key:
         states = states.transpose(-1, -2)
     live = states > 0

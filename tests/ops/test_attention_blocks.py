@@ -214,6 +214,11 @@ def test_from_mask_keeps_every_block_the_mask_touches():
     q, k, v = make((2, 1, 45, 8), (2, 1, 70, 8), 8, torch.float32, "cpu")[:3]
     torch.testing.assert_close(attention(q, k, v, attn_mask=mask, block_mask=bs), attention_ref(q, k, v, mask),
                                atol=2e-6, rtol=2e-6)
+    flat = mask[0, 0]  # (Lq, Lk), as attn_mask takes it: blocks (1, 1, nQ, nK)
+    assert BlockSparse.from_mask(flat, 16, 32).blocks.shape == (1, 1, 3, 3)
+    q, k, v = make((2, 4, 45, 8), (2, 2, 70, 8), 8, torch.float32, "cpu")[:3]
+    torch.testing.assert_close(attention(q, k, v, attn_mask=flat, block_mask=BlockSparse.from_mask(flat, 16, 32)),
+                               attention_ref(q, k, v, flat), atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.parametrize("tile", [(64, 64), (16, 128), (128, 16), (100, 30)])
@@ -268,8 +273,14 @@ def test_bad_block_masks_name_what_was_expected():
                                         "or a mask_mod, got Tensor"):
         attention(q, k, v, block_mask=good)
     other = create_block_mask(_sliding_causal, None, None, 64, 70, device="cpu", BLOCK_SIZE=16)
-    with pytest.raises(ValueError, match=r"the BlockMask is for \(Lq, Lk\) = \(64, 70\), the call's is \(50, 70\)"):
+    with pytest.raises(ValueError, match=r"block_mask: the BlockMask is for \(Lq, Lk\) = \(64, 70\), the call's is "
+                                         r"\(50, 70\)"):
         attention(q, k, v, block_mask=other)
+    with pytest.raises(ValueError, match=r"block_mask: evaluating the mask_mod\(b, h, q_idx, kv_idx\) -> bool tensor "
+                                         r"over \(1, 2, 50, 70\) failed"):
+        attention(q, k, v, block_mask=lambda b, h, q_idx: q_idx > 0)
+    with pytest.raises(ValueError, match=r"BlockSparse.from_mask: mask must be \(Lq, Lk\), .* got shape \(70,\)"):
+        BlockSparse.from_mask(torch.ones(70, dtype=torch.bool))
 
 
 def test_gpu_autotune_prefers_tiles_that_divide_the_blocks(monkeypatch):
