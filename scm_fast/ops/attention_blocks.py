@@ -14,7 +14,9 @@ Three ways to give one (`scm_fast.ops.attention(..., block_mask=...)`):
                                           on every call: build the BlockMask once where a model reuses it)
 A BlockMask or mask_mod whose mask_mod is not noop_mask is also evaluated element by element (torch's
 create_mask): a bool (B or 1, H or 1, Lq, Lk) tensor, Lq x Lk bytes per (batch, head) it names, once
-per BlockMask while it lives (a model's layers share one). A BlockSparse costs only its blocks.
+per BlockMask while it lives (a model's layers share one; a mask_mod that reads tensors changed in place
+later needs a new BlockMask). A mask_mod that depends on b or h needs a BlockMask built with B and H,
+as for flex_attention. A BlockSparse costs only its blocks.
 """
 import numbers
 import weakref
@@ -147,8 +149,9 @@ def tile_liveness(blocks, bq, bk, lq, lk, tile_m, tile_n):
     keys checked against the blocks), 2 (every block it meets is live: no check). int8
     (B', H', ceil(lq / tile_m), ceil(lk / tile_n)) for blocks (B', H', nQ, nK), by a 2-D prefix sum."""
     nq, nk = blocks.shape[-2:]
-    counts = torch.zeros(*blocks.shape[:-2], nq + 1, nk + 1, dtype=torch.int32, device=blocks.device)
-    counts[..., 1:, 1:] = blocks.to(torch.int32).cumsum(-2).cumsum(-1)
+    dtype = torch.int32 if nq * nk < 2 ** 31 else torch.int64
+    counts = torch.zeros(*blocks.shape[:-2], nq + 1, nk + 1, dtype=dtype, device=blocks.device)
+    counts[..., 1:, 1:] = blocks.to(dtype).cumsum(-2).cumsum(-1)
 
     def spans(length, tile, block):  # blocks [lo, hi) met by each tile
         starts = torch.arange(0, max(length, 1), tile, device=blocks.device)
