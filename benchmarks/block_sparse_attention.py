@@ -140,10 +140,9 @@ def run(args):
                 rows.append(dict(backend=backend, kind=kind, density=None, time_s=dense, flop=flop))
                 print(f"{backend} {kind} dense: {dense * 1e3:.0f} ms", file=sys.stderr, flush=True)
                 for density in args.density:
-                    blocks = make_blocks(args, density).to(args.device)
-                    live = blocks.float().mean().item()
-                    t = measure(kind, inputs, BlockSparse(blocks, args.block, args.block),
-                                f"{backend} {kind} density {density}")
+                    block_mask = BlockSparse(make_blocks(args, density).to(args.device), args.block, args.block)
+                    live = block_mask.density()
+                    t = measure(kind, inputs, block_mask, f"{backend} {kind} density {density}")
                     rows.append(dict(backend=backend, kind=kind, density=live, time_s=t, dense_s=dense))
                     print(f"{backend} {kind} density {live:.3f}: {t * 1e3:.0f} ms", file=sys.stderr, flush=True)
     return rows

@@ -58,7 +58,7 @@ class BlockSparse(NamedTuple):
 
 
 def positive_int(size):
-    """True for a positive integer (int, numpy or torch integer scalars), not a bool."""
+    """True for a positive integer (a Python or numpy integer), not a bool."""
     return isinstance(size, numbers.Integral) and not isinstance(size, bool) and size >= 1
 
 
