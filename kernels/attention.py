@@ -35,6 +35,13 @@ atomics); dQ runs per query block.
 
 Inputs are (B, H, L, D) with unit stride on D; masks are expanded (zero strides allowed) to
 (B, Hq, Lq, Lk), so a key-padding mask (B, 1, 1, Lk) costs no Lq x Lk memory.
+
+Block-sparse (HAS_BLOCKS; scm_fast/ops/attention_blocks.py): the launcher turns the bool blocks
+(B, Hq, nQ, nK) into, per config, each tile row's count and ascending list of live tiles (entries
+2 x tile + partly-live flag, causal tiles removed; per key tile for dK/dV), and the loops walk that list
+instead of every tile, so a dead tile costs nothing. Keys of a partly live tile are checked against
+the blocks only with BLOCK_KEYS, i.e. for blocks that are not multiples of the tile (the autotuner
+prefers configs that divide them: that check's gather spills, NOTES.md section 26).
 """
 import math
 import os
