@@ -87,12 +87,14 @@ class _Visible(NamedTuple):
     def rows(self, start, stop):
         return self._replace(mask=None if self.mask is None else self.mask[..., start:stop, :], row0=start)
 
-    def live(self, n_rows, start, stop):
-        """False where no live block meets these rows and keys [start, stop): the tile is skipped."""
+    def state(self, n_rows, start, stop):
+        """The tile of these rows and keys [start, stop): 0 if it meets no live block (skipped), 2 if only
+        live ones (no key check), 1 otherwise (attention_blocks.tile_liveness)."""
         if self.blocks is None:
-            return True
+            return 2
         r0, r1 = self.row0 // self.block_q, -(-(self.row0 + n_rows) // self.block_q)
-        return bool(self.blocks[..., r0:r1, start // self.block_k:-(-stop // self.block_k)].any())
+        sub = self.blocks[..., r0:r1, start // self.block_k:-(-stop // self.block_k)]
+        return 0 if not sub.any() else 2 if sub.all() else 1
 
 
 def _grouped(q, k, v, mask, blocks=None):
@@ -105,13 +107,13 @@ def _grouped(q, k, v, mask, blocks=None):
     return q5, k.unsqueeze(2), v.unsqueeze(2), m5, b5
 
 
-def _chunk_scores(q5, k5, vis, scale, start, stop):
-    """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf."""
+def _chunk_scores(q5, k5, vis, scale, start, stop, state=1):
+    """Scores (B, Hk, G, Lq, n) of keys [start, stop), masked positions at -inf (state 2: every block live)."""
     s = _apply_mask(scale * (q5 @ k5[..., start:stop, :].transpose(-1, -2)),
                     None if vis.mask is None else vis.mask[..., start:stop])
     rows = torch.arange(vis.row0, vis.row0 + q5.shape[-2], device=s.device)
     cols = torch.arange(start, stop, device=s.device)
-    if vis.blocks is not None:  # key j of row i: blocks[i // block_q, j // block_k]
+    if vis.blocks is not None and state == 1:  # key j of row i: blocks[i // block_q, j // block_k]
         keep = vis.blocks[..., rows // vis.block_q, :][..., cols // vis.block_k]
         s = s.masked_fill(~keep, float("-inf"))
     if vis.causal:
@@ -133,9 +135,10 @@ def _online_pass(q5, k5, v5, vis, scale, tangents=None):
     step = vis.key_chunk()
     for start in range(0, k5.shape[-2], step):
         stop = min(start + step, k5.shape[-2])
-        if not vis.live(q5.shape[-2], start, stop):
+        state = vis.state(q5.shape[-2], start, stop)
+        if state == 0:
             continue
-        s = _chunk_scores(q5, k5, vis, scale, start, stop)
+        s = _chunk_scores(q5, k5, vis, scale, start, stop, state)
         chunk_max = s.amax(-1)
         m_new = torch.maximum(m_i, chunk_max)
         m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
@@ -210,9 +213,10 @@ def _bwd_rows(q5, k5, v5, do5, o5, lse5, vis, scale):
     step = vis.key_chunk()
     for start in range(0, k5.shape[-2], step):
         stop = min(start + step, k5.shape[-2])
-        if not vis.live(q5.shape[-2], start, stop):
+        state = vis.state(q5.shape[-2], start, stop)
+        if state == 0:
             continue
-        p = torch.exp(_chunk_scores(q5, k5, vis, scale, start, stop) - lse5[..., None])
+        p = torch.exp(_chunk_scores(q5, k5, vis, scale, start, stop, state) - lse5[..., None])
         dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
         ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
         dq += scale * (ds @ k5[..., start:stop, :])
