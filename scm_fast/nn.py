@@ -336,8 +336,9 @@ class Attention(torch.nn.Module):
     heads: query heads; kv_heads: key/value heads (GQA/MQA; a divisor of heads, default heads);
     context_dim: cross-attention (keys and values from `context` (B, S, context_dim)); qk_norm:
     RMSNorm (with weight) over each head of q and k; bias: of the projections.
-    forward(x, context=None, attn_mask=None, causal=False): attn_mask as in
-    scm_fast.ops.attention, broadcastable to (B, heads, L, S), bool (True = attend) or additive.
+    forward(x, context=None, attn_mask=None, causal=False, block_mask=None): attn_mask as in
+    scm_fast.ops.attention, broadcastable to (B, heads, L, S), bool (True = attend) or additive;
+    block_mask a BlockSparse, flex BlockMask or mask_mod over (heads, L, S) (dead tiles skipped).
     The fused op is compiler-disabled (runs eagerly inside torch.compile: a graph break).
     `impl = "sdpa"` calls F.scaled_dot_product_attention instead.
     """
@@ -374,8 +375,10 @@ class Attention(torch.nn.Module):
             raise ValueError(f"context must be (B, S, context_dim) = ({x.shape[0]}, S, {self.context_dim}), "
                              f"got {_shape_of(context)}")
 
-    def forward(self, x, context=None, attn_mask=None, causal=False):
+    def forward(self, x, context=None, attn_mask=None, causal=False, block_mask=None):
         self._check_inputs(x, context)
+        if block_mask is not None and self.impl == "sdpa":
+            raise ValueError("block_mask needs impl = 'fused' (F.scaled_dot_product_attention has no block mask)")
         B, L, C = x.shape
         if self.cross:
             q, kv = self.q(x), self.kv(context)
@@ -388,7 +391,7 @@ class Attention(torch.nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
                                                enable_gqa=self.kv_heads != self.heads)
         else:
-            o = _attention_eager(q, k, v, attn_mask=attn_mask, causal=causal)
+            o = _attention_eager(q, k, v, attn_mask=attn_mask, causal=causal, block_mask=block_mask)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
 
 

@@ -93,3 +93,20 @@ def test_attention_module_empty_context_gives_zeros_before_the_output_projection
     m = nn.Attention(8, 2, context_dim=4)
     y = m(torch.randn(2, 5, 8), context=torch.randn(2, 0, 4))
     torch.testing.assert_close(y, m.proj.bias.expand(2, 5, 8))
+
+
+def test_attention_module_block_mask_is_the_dense_mask_it_stands_for():
+    """block_mask reaches the fused op: the same output as its dense element mask; impl 'sdpa' refuses it."""
+    from scm_fast.ops import BlockSparse
+    from scm_fast.ops.attention_blocks import element_blocks
+    torch.manual_seed(0)
+    m = nn.Attention(16, 4, kv_heads=2)
+    x = torch.randn(2, 40, 16)
+    blocks = torch.rand(1, 4, 3, 3) > 0.5
+    blocks[..., 0, 0] = True
+    dense = element_blocks(blocks, 16, 16, 40, 40)
+    torch.testing.assert_close(m(x, block_mask=BlockSparse(blocks, 16, 16)), m(x, attn_mask=dense),
+                               atol=2e-6, rtol=2e-6)
+    m.impl = "sdpa"
+    with pytest.raises(ValueError, match="block_mask needs impl = 'fused'"):
+        m(x, block_mask=BlockSparse(blocks, 16, 16))
