@@ -12,13 +12,14 @@ A key the mask excludes is -inf in the scores whatever q k^T is (NaN or inf incl
 sees no key gives 0 output and 0 tangent even when its q (or a masked k) is NaN.
 Shapes: q (B, Hq, Lq, D); k (B, Hk, Lk, D); v (B, Hk, Lk, Dv); Hq = G Hk (GQA); mask None or
 expanded to (B, Hq, Lq, Lk), bool (True = attend) or additive; blocks None or a bool block mask
-expanded to (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k)) (attention_blocks): key chunks that meet
-no live block are skipped.
+expanded to (B, Hq, ceil(Lq / block_q), ceil(Lk / block_k)) (attention_blocks): the passes run on
+tiles of whole blocks and skip those that meet no live block in any head.
 """
 from typing import NamedTuple, Optional
 
 import torch
 
+from scm_fast.ops.attention_blocks import compact, tile_liveness
 from scm_fast.precision import accumulation_dtype
 
 CHUNK = 512
@@ -62,6 +63,19 @@ def attention_ref(q, k, v, attn_mask=None, causal=False, scale=None):
     return p @ v
 
 
+def _tile(block):
+    """Rows or keys per tile with a block mask: whole blocks, about BLOCK_TILE."""
+    return block * -(-BLOCK_TILE // block)
+
+
+def _head_states(blocks, block_q, block_k, lq, lk):
+    """[[state]] per (row tile, key tile) over every head at once (the passes run all heads together):
+    0 dead in every head, 2 live in every block of every head, 1 otherwise (attention_blocks.tile_liveness)."""
+    states = tile_liveness(compact(blocks), block_q, block_k, lq, lk, _tile(block_q), _tile(block_k)).flatten(0, 1)
+    dead, live = (states == 0).all(0), (states == 2).all(0)
+    return torch.where(dead, 0, torch.where(live, 2, 1)).tolist()
+
+
 class _Visible(NamedTuple):
     """What hides a key from a query, in the grouped layout (B, Hk, G, ...), for the query rows
     [row0, row0 + n) a pass sees."""
@@ -71,30 +85,28 @@ class _Visible(NamedTuple):
     block_k: int
     causal: bool
     shift: int
+    states: Optional[list] = None   # _head_states
     row0: int = 0
 
-    def key_chunk(self):
-        """Keys per chunk: CHUNK, or whole key blocks of about BLOCK_TILE keys (a dead tile is skipped)."""
-        return CHUNK if self.blocks is None else self.block_k * -(-BLOCK_TILE // self.block_k)
-
     def row_chunks(self, lq):
-        """Query row ranges a pass runs on: all rows, or whole query blocks of about BLOCK_TILE rows."""
+        """Query row ranges a pass runs on: all rows, or row tiles of whole query blocks."""
         if self.blocks is None or lq == 0:
             return [(0, lq)]
-        step = self.block_q * -(-BLOCK_TILE // self.block_q)
+        step = _tile(self.block_q)
         return [(r, min(r + step, lq)) for r in range(0, lq, step)]
 
     def rows(self, start, stop):
         return self._replace(mask=None if self.mask is None else self.mask[..., start:stop, :], row0=start)
 
-    def state(self, n_rows, start, stop):
-        """The tile of these rows and keys [start, stop): 0 if it meets no live block (skipped), 2 if only
-        live ones (no key check), 1 otherwise (attention_blocks.tile_liveness)."""
+    def key_tiles(self, lk):
+        """(start, stop, state) of the key chunks these rows attend: CHUNK keys at a time, or the key
+        tiles of whole blocks that are not dead (state 2: every block live, no key check)."""
         if self.blocks is None:
-            return 2
-        r0, r1 = self.row0 // self.block_q, -(-(self.row0 + n_rows) // self.block_q)
-        sub = self.blocks[..., r0:r1, start // self.block_k:-(-stop // self.block_k)]
-        return 0 if not sub.any() else 2 if sub.all() else 1
+            return [(start, min(start + CHUNK, lk), 2) for start in range(0, lk, CHUNK)]
+        step = _tile(self.block_k)
+        row = self.states[self.row0 // _tile(self.block_q)]
+        return [(start, min(start + step, lk), row[start // step]) for start in range(0, lk, step)
+                if row[start // step]]
 
 
 def _grouped(q, k, v, mask, blocks=None):
@@ -132,12 +144,7 @@ def _online_pass(q5, k5, v5, vis, scale, tangents=None):
     if tangents is not None:
         tq5, tk5, tv5 = (t.to(acc_dtype) for t in tangents)
         t_acc, r_i, c_i = torch.zeros_like(acc), torch.zeros_like(l_i), torch.zeros_like(l_i)
-    step = vis.key_chunk()
-    for start in range(0, k5.shape[-2], step):
-        stop = min(start + step, k5.shape[-2])
-        state = vis.state(q5.shape[-2], start, stop)
-        if state == 0:
-            continue
+    for start, stop, state in vis.key_tiles(k5.shape[-2]):
         s = _chunk_scores(q5, k5, vis, scale, start, stop, state)
         chunk_max = s.amax(-1)
         m_new = torch.maximum(m_i, chunk_max)
@@ -179,7 +186,8 @@ def _lse(lse, q):
 
 def _visible(q, k, v, mask, blocks, block_q, block_k, causal, shift):
     q5, k5, v5, m5, b5 = _grouped(q, k, v, mask, blocks)
-    return q5, k5, v5, _Visible(m5, b5, block_q, block_k, causal, shift)
+    states = None if blocks is None else _head_states(blocks, block_q, block_k, q.shape[2], k.shape[2])
+    return q5, k5, v5, _Visible(m5, b5, block_q, block_k, causal, shift, states)
 
 
 def _by_rows(vis, fn, rows_of, lq):
@@ -210,12 +218,7 @@ def _bwd_rows(q5, k5, v5, do5, o5, lse5, vis, scale):
     delta = (do5 * o5).sum(-1, keepdim=True)
     dq = torch.zeros_like(q5)
     dk, dv = torch.zeros_like(k5.squeeze(2)), torch.zeros_like(v5.squeeze(2))
-    step = vis.key_chunk()
-    for start in range(0, k5.shape[-2], step):
-        stop = min(start + step, k5.shape[-2])
-        state = vis.state(q5.shape[-2], start, stop)
-        if state == 0:
-            continue
+    for start, stop, state in vis.key_tiles(k5.shape[-2]):
         p = torch.exp(_chunk_scores(q5, k5, vis, scale, start, stop, state) - lse5[..., None])
         dv[..., start:stop, :] = (p.transpose(-1, -2) @ do5).sum(2)
         ds = p * (do5 @ v5[..., start:stop, :].transpose(-1, -2) - delta)
