@@ -185,10 +185,11 @@ MaskView mask_view(const c10::optional<at::Tensor>& mask, at::Tensor& holder) {
 }
 
 // One tile row of scaled scores tau s (from the GEMM) becomes tau s + bias, -inf outside the causal window
-// (its first `visible` entries are inside).
-void mask_scores(float* row, int64_t n, int64_t visible, const MaskView& mv, int64_t b, int64_t h, int64_t i,
-                 int64_t j0) {
+// (its first `visible` entries are inside) and, in a partly live tile (block state 1), in dead blocks.
+void mask_scores(float* row, int64_t n, int64_t visible, const MaskView& mv, const BlockView& bv, int state,
+                 int64_t b, int64_t h, int64_t i, int64_t j0) {
   if (!mv.empty()) mv.add_row(row, std::min(n, visible), b, h, i, j0);
+  if (state == 1) bv.mask_row(row, std::min(n, visible), b, h, i, j0);
   for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) row[j] = kNegInf;
 }
 
@@ -250,8 +251,7 @@ void fwd_block(const FwdTensors& t, const Dims& d, const MaskView& mv, const Blo
     }
     for (int64_t i = 0; i < bm; ++i) {
       float* row = S + i * kBlockN;
-      mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, b, h, i0 + i, j0);
-      if (state == 1) bv.mask_row(row, bn, b, h, i0 + i, j0);
+      mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, bv, state, b, h, i0 + i, j0);
       const float tile_max = row_max(row, bn), m_old = buf.m[i], m_new = std::max(m_old, tile_max);
       const float m_safe = m_new == kNegInf ? 0.f : m_new;  // nothing visible yet: keep P~ = 0
       const float alpha = exp_fast(m_old - m_safe), l_old = buf.l[i] * alpha;
@@ -344,8 +344,7 @@ void bwd_head(const float* q, const float* k, const float* v, const float* dO, c
       gemm_rm(false, true, bm, bn, d.Dv, 1.f, DO, d.Dv, v + j0 * d.Dv, d.Dv, 0.f, dS.data(), kBlockN);
       for (int64_t i = 0; i < bm; ++i) {
         float *row = P.data() + i * kBlockN, *drow = dS.data() + i * kBlockN;
-        mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, b, h, i0 + i, j0);
-        if (state == 1) bv.mask_row(row, bn, b, h, i0 + i, j0);
+        mask_scores(row, bn, causal.visible(i0 + i, j0, bn), mv, bv, state, b, h, i0 + i, j0);
         const float l = lse[i0 + i] == kNegInf ? -kNegInf : lse[i0 + i], dl = delta[i0 + i];
         exp_sub_sum(row, bn, l);  // P = exp(S - lse)
 #pragma omp simd
