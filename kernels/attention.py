@@ -97,6 +97,29 @@ def _valid_tile(m, n, Lq, Lk, IS_CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexp
 
 
 @triton.jit
+def _walk_range(lo, hi, count_ptr, HAS_BLOCKS: tl.constexpr):
+    """Bounds of a loop over one tile row: [lo, hi) in steps of a tile, or with a block mask over the
+    row's list of live tiles, [0, its count) (attention_blocks.tile_lists)."""
+    if HAS_BLOCKS:
+        lo = 0
+        hi = tl.load(count_ptr)
+    return lo, hi
+
+
+@triton.jit
+def _walk_tile(it, entries_ptr, STEP: tl.constexpr, HAS_BLOCKS: tl.constexpr):
+    """(first row or key of the tile, 1 if it is only partly live) at loop index `it`: `it` itself, or with
+    a block mask the list's it-th entry, 2 x tile + partly-live flag."""
+    start = it
+    partial = 0
+    if HAS_BLOCKS:
+        entry = tl.load(entries_ptr + it)
+        start = (entry // 2) * STEP
+        partial = entry % 2
+    return start, partial
+
+
+@triton.jit
 def _block_valid(valid, m, n, Blocks_base, stride_bm, stride_bn, block_q, block_k, partial,
                  BLOCK_KEYS: tl.constexpr):
     """valid and, in a tile only partly live (partial), the block mask's blocks[m // block_q, n // block_k].
@@ -168,18 +191,9 @@ def _attn_fwd_kernel(
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
-    loop_lo = 0
-    loop_hi = hi
-    if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
-        loop_lo = 0
-        loop_hi = tl.load(TileNum_base + start_m * stride_nt)
+    loop_lo, loop_hi = _walk_range(0, hi, TileNum_base + start_m * stride_nt, HAS_BLOCKS)
     for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_N):
-        start_n = it
-        partial = 0
-        if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
-            entry = tl.load(TileIdx_base + start_m * stride_it + it)
-            start_n = (entry // 2) * BLOCK_N
-            partial = entry % 2
+        start_n, partial = _walk_tile(it, TileIdx_base + start_m * stride_it, BLOCK_N, HAS_BLOCKS)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
@@ -305,18 +319,9 @@ def _attn_jvp_kernel(
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
-    loop_lo = 0
-    loop_hi = hi
-    if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
-        loop_lo = 0
-        loop_hi = tl.load(TileNum_base + start_m * stride_nt)
+    loop_lo, loop_hi = _walk_range(0, hi, TileNum_base + start_m * stride_nt, HAS_BLOCKS)
     for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_N):
-        start_n = it
-        partial = 0
-        if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
-            entry = tl.load(TileIdx_base + start_m * stride_it + it)
-            start_n = (entry // 2) * BLOCK_N
-            partial = entry % 2
+        start_n, partial = _walk_tile(it, TileIdx_base + start_m * stride_it, BLOCK_N, HAS_BLOCKS)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kT_mask = (offs_d[:, None] < D) & n_ok[None, :]
@@ -429,18 +434,9 @@ def _attn_bwd_dkdv_kernel(
         Blocks_base = Blocks + off_b * stride_bb + off_h * stride_bh
         TileNum_base = TileNum + off_b * stride_nb + off_h * stride_nh
         TileIdx_base = TileIdx + off_b * stride_ib + off_h * stride_ih
-        loop_lo = lo
-        loop_hi = Lq
-        if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
-            loop_lo = 0
-            loop_hi = tl.load(TileNum_base + start_n * stride_nt)
+        loop_lo, loop_hi = _walk_range(lo, Lq, TileNum_base + start_n * stride_nt, HAS_BLOCKS)
         for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_M):
-            start_m = it
-            partial = 0
-            if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
-                entry = tl.load(TileIdx_base + start_n * stride_it + it)
-                start_m = (entry // 2) * BLOCK_M
-                partial = entry % 2
+            start_m, partial = _walk_tile(it, TileIdx_base + start_n * stride_it, BLOCK_M, HAS_BLOCKS)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Lq
             qT = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None],
@@ -521,18 +517,9 @@ def _attn_bwd_dq_kernel(
     hi = Lk
     if IS_CAUSAL:
         hi = tl.minimum(Lk, (start_m + 1) * BLOCK_M + _causal_shift(Lq, Lk, BOTTOM_RIGHT))  # <= 0: no key
-    loop_lo = 0
-    loop_hi = hi
-    if HAS_BLOCKS:  # walk the live tiles only (attention_blocks.tile_lists)
-        loop_lo = 0
-        loop_hi = tl.load(TileNum_base + start_m * stride_nt)
+    loop_lo, loop_hi = _walk_range(0, hi, TileNum_base + start_m * stride_nt, HAS_BLOCKS)
     for it in range(loop_lo, loop_hi, 1 if HAS_BLOCKS else BLOCK_N):
-        start_n = it
-        partial = 0
-        if HAS_BLOCKS:  # entry = 2 x tile + (1 if only part of the tile is live)
-            entry = tl.load(TileIdx_base + start_m * stride_it + it)
-            start_n = (entry // 2) * BLOCK_N
-            partial = entry % 2
+        start_n, partial = _walk_tile(it, TileIdx_base + start_m * stride_it, BLOCK_N, HAS_BLOCKS)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         k = tl.load(K_base + offs_n[:, None] * stride_kn + offs_d[None, :],
