@@ -16,6 +16,8 @@ subclass inputs, GQA without enable_gqa (flex raises), and what the op's own lis
 (scm_fast.ops.attention.not_supported_reasons). kernel_options tune flex's Triton kernels and are
 ignored. With patch_sdpa(jvp_only=True) only calls whose inputs carry a tangent are fused.
 """
+import functools
+
 import torch
 
 from scm_fast.ops import _transforms
@@ -25,15 +27,11 @@ MODULE = "torch.nn.attention.flex_attention"
 NAME = "flex_attention"
 
 
-_builtin = []
-
-
+@functools.cache
 def builtin():
     """PyTorch's flex_attention, as found on first use (before any patch: its module is imported then)."""
-    if not _builtin:
-        from torch.nn.attention import flex_attention as module
-        _builtin.append(module.flex_attention)
-    return _builtin[0]
+    from torch.nn.attention import flex_attention as module
+    return module.flex_attention
 
 
 def _decide(sdpa, query, key, value, score_mod, block_mask, scale, enable_gqa, return_lse, return_aux):
